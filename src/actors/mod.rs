@@ -1,0 +1,12 @@
+//! The only long-lived mutable state, one job per actor:
+//! - [`router::Router`]: who is connected; routes each copy live or to the mailbox.
+//! - [`session::DeviceSession`]: one WebSocket; pushes, tracks acks, spills.
+//! - [`keys::KeysActor`]: serialises prekey access (SyncArbiter, one thread).
+//! - [`mailbox::MailboxWriter`]: group-commits mailbox writes (dedicated thread).
+//! - [`sweeper::Sweeper`]: retention and housekeeping on an interval.
+
+pub mod keys;
+pub mod mailbox;
+pub mod router;
+pub mod session;
+pub mod sweeper;

@@ -1,0 +1,148 @@
+//! Wiring: pool → migrations → actors → HTTP server → wait for shutdown →
+//! drain → exit. [`run`] takes the listener and the shutdown signal as
+//! arguments (as mini-redis's `server::run` does), so tests start real
+//! servers on port 0 and stop them without sending signals.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, SyncArbiter};
+use actix_web::middleware::{from_fn, Logger};
+use actix_web::{web, App, HttpServer};
+
+use crate::actors::keys::KeysActor;
+use crate::actors::mailbox::MailboxWriter;
+use crate::actors::router::{Drain, Router};
+use crate::actors::sweeper::Sweeper;
+use crate::config::Config;
+use crate::limits::Limiters;
+use crate::metrics::Metrics;
+use crate::state::AppState;
+use crate::{http, store, systemd};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("storage: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Extra time after the drain for in-flight HTTP requests to finish.
+const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Opens the database and applies pending migrations (`courier migrate`,
+/// and the first step of `courier serve`).
+pub fn migrate(config: &Config) -> Result<(store::Pool, usize), store::StoreError> {
+    let pool = store::open_pool(&config.database_url, config.db_pool_size)?;
+    let ran = store::migrate(&mut *pool.get()?)?;
+    Ok((pool, ran))
+}
+
+/// Runs courier on `listener` until `shutdown` resolves, then drains:
+/// stop accepting, spill every unacknowledged live copy to its mailbox,
+/// close sockets with 1001, answer pending sends, return.
+/// Must be called inside an actix `System`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let backend = store::Backend::from_url(&config.database_url)?;
+    let migrate_config = config.clone();
+    let (pool, ran) = web::block(move || migrate(&migrate_config))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+    log::info!(
+        "{} database ready ({ran} migrations applied)",
+        backend.name()
+    );
+    if !config.rate_limits {
+        log::warn!("rate limits are OFF (rate_limits = false); never run like this in production");
+    }
+
+    let metrics = Metrics::new();
+    let (writer, _writer_thread) = MailboxWriter::start(pool.clone(), metrics.clone());
+    let router = Router::new(writer.clone(), metrics.clone()).start();
+    let keys_pool = pool.clone();
+    let max_keys = config.max_one_time_keys;
+    let keys = SyncArbiter::start(1, move || KeysActor::new(keys_pool.clone(), max_keys));
+    let state = web::Data::new(AppState {
+        config: config.clone(),
+        pool,
+        router: router.clone(),
+        keys,
+        writer: writer.clone(),
+        limits: Limiters::new(&config, metrics.clone()),
+        metrics,
+        draining: AtomicBool::new(false),
+    });
+    let _sweeper = Sweeper::new(state.clone()).start();
+
+    let app_state = state.clone();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            // Access log: method, path without the query (it may carry a
+            // password), status, size, time. Never headers or bodies.
+            .wrap(
+                Logger::new("%a \"%{method}xi %U\" %s %b %Dms")
+                    .custom_request_replace("method", |req| req.method().to_string()),
+            )
+            .wrap(from_fn(http::observe))
+            .configure(http::configure)
+            .default_service(web::to(http::not_found))
+    })
+    .disable_signals()
+    .shutdown_timeout(HTTP_SHUTDOWN_GRACE.as_secs())
+    .listen(listener)?;
+    if config.workers > 0 {
+        server = server.workers(config.workers);
+    }
+    let server = server.run();
+    let handle = server.handle();
+    let addrs = config.bind.clone();
+    let mut serving = actix_web::rt::spawn(server);
+    systemd::ready(&format!("serving on {addrs}"));
+    log::info!("courier ready");
+
+    if let Some(interval) = systemd::watchdog_interval() {
+        actix_web::rt::spawn(async move {
+            let mut tick = actix_web::rt::time::interval(interval);
+            loop {
+                tick.tick().await;
+                systemd::watchdog();
+            }
+        });
+    }
+
+    tokio::select! {
+        _ = shutdown => {}
+        result = &mut serving => {
+            // The server stopped by itself: an I/O failure.
+            return match result {
+                Ok(r) => r.map_err(RunError::Io),
+                Err(e) => Err(RunError::Io(std::io::Error::other(e.to_string()))),
+            };
+        }
+    }
+
+    log::info!("shutting down: draining live sessions");
+    systemd::stopping("draining");
+    state.draining.store(true, Ordering::Release);
+    handle.pause().await;
+    let drained = actix_web::rt::time::timeout(config.drain_timeout(), router.send(Drain)).await;
+    if drained.is_err() {
+        log::warn!("drain did not finish within {:?}", config.drain_timeout());
+    }
+    // Everything spilled so far is committed before we report done.
+    let _ = writer.barrier().await;
+    handle.stop(true).await;
+    let _ = serving.await;
+    log::info!("courier stopped");
+    Ok(())
+}

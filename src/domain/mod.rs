@@ -1,0 +1,7 @@
+//! Pure rules: no I/O, no actix, no Diesel. Everything here is unit-tested in place.
+
+pub mod address;
+pub mod device_set;
+pub mod envelope;
+pub mod keys;
+pub mod secret;

@@ -1,0 +1,150 @@
+//! `ApiError`: every answer the SPEC allows other than success, in one place.
+//!
+//! `status()` and `code()` are the only mapping from errors to HTTP statuses
+//! and stable error codes; HTTP responses and WebSocket `response` frames are
+//! both built from [`ApiError::body`], so the two can never disagree.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::{json, Map, Value};
+
+use crate::domain::keys::KeyError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("authentication required")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("the identity key differs from the account's")]
+    IdentityKeyMismatch,
+    #[error("the destination device set is not current")]
+    MismatchedDevices { missing: Vec<u32>, extra: Vec<u32> },
+    #[error("some destination devices have re-registered")]
+    StaleDevices { stale: Vec<u32> },
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    InvalidKey(#[from] KeyError),
+    #[error("{0}")]
+    Conflict(&'static str),
+    #[error("too many requests")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("the destination mailbox is full")]
+    MailboxFull,
+    #[error("the server is shutting down")]
+    Unavailable,
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::BadRequest(message.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::IdentityKeyMismatch
+            | ApiError::MismatchedDevices { .. }
+            | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::StaleDevices { .. } => StatusCode::GONE,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InvalidKey(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::MailboxFull => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable, documented error codes: part of the contract.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::IdentityKeyMismatch => "identity_key_mismatch",
+            ApiError::MismatchedDevices { .. } => "mismatched_devices",
+            ApiError::StaleDevices { .. } => "stale_devices",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::InvalidKey(_) => "invalid_key",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::MailboxFull => "mailbox_full",
+            ApiError::Unavailable => "unavailable",
+            ApiError::Internal => "internal_error",
+        }
+    }
+
+    /// `{"error", "message", …extras}` — identical over HTTP and WebSocket.
+    pub fn body(&self) -> Value {
+        let mut body = Map::new();
+        body.insert("error".into(), json!(self.code()));
+        body.insert("message".into(), json!(self.to_string()));
+        match self {
+            ApiError::MismatchedDevices { missing, extra } => {
+                body.insert("missingDevices".into(), json!(missing));
+                body.insert("extraDevices".into(), json!(extra));
+            }
+            ApiError::StaleDevices { stale } => {
+                body.insert("staleDevices".into(), json!(stale));
+            }
+            ApiError::RateLimited { retry_after_secs } => {
+                body.insert("retryAfter".into(), json!(retry_after_secs));
+            }
+            _ => {}
+        }
+        Value::Object(body)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status());
+        if let ApiError::RateLimited { retry_after_secs } = self {
+            response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+        }
+        if let ApiError::Unauthorized = self {
+            response.insert_header((header::WWW_AUTHENTICATE, "Basic realm=\"courier\""));
+        }
+        response.json(self.body())
+    }
+}
+
+/// Storage faults are logged with their cause here and reach the client only
+/// as a generic `internal_error` (never a 400, never the SQL text).
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        log::error!("storage error: {e}");
+        ApiError::Internal
+    }
+}
+
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(_: actix_web::error::BlockingError) -> Self {
+        log::error!("blocking thread pool is gone");
+        ApiError::Internal
+    }
+}
+
+impl From<actix::MailboxError> for ApiError {
+    fn from(e: actix::MailboxError) -> Self {
+        log::error!("actor unavailable: {e}");
+        ApiError::Internal
+    }
+}

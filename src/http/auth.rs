@@ -1,0 +1,129 @@
+//! Extractors for who is calling: [`Authenticated`] (HTTP Basic, or the
+//! `login`/`password` query on WebSocket upgrades) and [`ClientIp`].
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::pin::Pin;
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpRequest};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde::Deserialize;
+
+use crate::domain::address::Address;
+use crate::error::ApiError;
+use crate::service::accounts;
+use crate::state::State;
+
+/// The device a request is authenticated as.
+#[derive(Debug, Clone, Copy)]
+pub struct Authenticated(pub Address);
+
+/// The client's IP: the socket peer, or the `X-Forwarded-For` hop just
+/// before the first trusted proxy when the peer is one.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub IpAddr);
+
+#[derive(Deserialize)]
+struct QueryLogin {
+    login: String,
+    password: String,
+}
+
+pub fn client_ip(req: &HttpRequest, trusted: &[IpAddr]) -> IpAddr {
+    let peer = req
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let forwarded = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for hop in forwarded.iter().rev() {
+        match hop.parse::<IpAddr>() {
+            Ok(ip) if trusted.contains(&ip) => continue,
+            Ok(ip) => return ip,
+            Err(_) => return peer,
+        }
+    }
+    peer
+}
+
+/// `(address, password)` from the request, if it carries credentials at all.
+fn credentials(req: &HttpRequest) -> Option<(String, String)> {
+    if let Some(value) = req.headers().get(header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        let (scheme, encoded) = value.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") || encoded.len() > 1024 {
+            return None;
+        }
+        let decoded = STANDARD.decode(encoded.trim()).ok()?;
+        let decoded = String::from_utf8(decoded).ok()?;
+        let (user, password) = decoded.split_once(':')?;
+        return Some((user.to_owned(), password.to_owned()));
+    }
+    // Browsers cannot set headers on a WebSocket: accept the query there only,
+    // so credentials do not end up in URLs elsewhere.
+    let is_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if is_upgrade {
+        let q = actix_web::web::Query::<QueryLogin>::from_query(req.query_string()).ok()?;
+        let QueryLogin { login, password } = q.into_inner();
+        return Some((login, password));
+    }
+    None
+}
+
+impl FromRequest for ClientIp {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let trusted = req
+            .app_data::<State>()
+            .map(|s| s.config.trusted_proxies.clone())
+            .unwrap_or_default();
+        std::future::ready(Ok(ClientIp(client_ip(req, &trusted))))
+    }
+}
+
+impl FromRequest for Authenticated {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let Some(state) = req.app_data::<State>().cloned() else {
+            return Box::pin(async { Err(ApiError::Internal) });
+        };
+        let ip = client_ip(req, &state.config.trusted_proxies);
+        let creds = credentials(req);
+        Box::pin(async move {
+            let parsed = creds.and_then(|(user, password)| {
+                let address = user.parse::<Address>().ok()?;
+                Some((address, password))
+            });
+            match parsed {
+                Some((address, password)) if password.len() <= 1024 => {
+                    accounts::authenticate(&state, ip, address, password)
+                        .await
+                        .map(Authenticated)
+                }
+                _ => {
+                    state.limits.auth_failure(ip)?;
+                    Err(ApiError::Unauthorized)
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,30 @@
+//! courier: a realtime message broker for end-to-end encrypted messengers.
+//! It distributes prekey bundles, keeps device lists (Sesame's server role)
+//! and stores and forwards opaque ciphertext. It never sees plaintext.
+//!
+//! # Layout
+//! - [`app`]: wiring and the graceful drain; [`config`]: defaults ← TOML ← env.
+//! - [`http`]: thin handlers, one file per SPEC resource; [`wire`]: JSON bodies and frames.
+//! - [`service`]: what handlers and WebSocket sessions share (send path, keys, accounts).
+//! - [`actors`]: router, device sessions, keys actor, mailbox writer, sweeper.
+//! - [`domain`]: pure rules (addresses, Sesame device-set check, key checks, secrets).
+//! - [`store`]: every Diesel query, synchronous, for SQLite and PostgreSQL.
+//! - [`error`]: the SPEC's error bodies; [`limits`]: GCRA rate limits;
+//!   [`metrics`]: Prometheus; [`systemd`]: sd_notify.
+
+pub mod actors;
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod limits;
+pub mod metrics;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod systemd;
+pub mod wire;
+
+pub use app::run;
+pub use config::Config;

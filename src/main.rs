@@ -1,0 +1,101 @@
+//! The `courier` command: `serve`, `migrate`, `config`.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use courier::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "courier",
+    version,
+    about = "Realtime message broker for end-to-end encrypted messengers"
+)]
+struct Cli {
+    /// TOML configuration file; every key can be overridden by a COURIER_* variable.
+    #[arg(long, short, global = true, env = "COURIER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Print the effective configuration, secrets masked.
+    Config,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let env: Vec<(String, String)> = courier::config::process_env()
+        .into_iter()
+        .filter(|(k, _)| k != "COURIER_CONFIG")
+        .collect();
+    let config = match Config::load(cli.config.as_deref(), env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("courier: {e}");
+            return ExitCode::from(78); // EX_CONFIG
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Config => {
+            print!("{}", config.to_masked_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Migrate => match courier::app::migrate(&config) {
+            Ok((_, ran)) => {
+                println!("applied {ran} migrations");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("courier: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve => serve(config),
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    let listener = match TcpListener::bind(&config.bind) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("courier: cannot listen on {}: {e}", config.bind);
+            return ExitCode::FAILURE;
+        }
+    };
+    log::info!("listening on {}", config.bind);
+    let result =
+        actix_web::rt::System::new().block_on(courier::run(config, listener, shutdown_signal()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("courier: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        log::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM received"),
+        _ = int.recv() => log::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,124 @@
+//! Prometheus metrics. One registry per server instance (tests run several
+//! servers in one process), rendered as text by `GET /metrics`.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric courier exports. Cheap to clone: each field is an `Arc` inside.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub connected_devices: IntGauge,
+    pub messages_accepted: IntCounter,
+    pub messages_delivered_live: IntCounter,
+    pub messages_spilled: IntCounter,
+    pub messages_acknowledged: IntCounter,
+    pub messages_expired: IntCounter,
+    pub messages_dropped: IntCounter,
+    pub mailbox_depth: IntGauge,
+    pub bundle_fetches: IntCounter,
+    pub one_time_keys_issued: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    pub http_latency: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("courier".into()), None)
+            .expect("static registry prefix is valid");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("static metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("static metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        let http_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "HTTP request latency by route template",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["method", "route"],
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(http_latency.clone()))
+            .expect("metric registered once");
+        Metrics {
+            connected_devices: gauge("connected_devices", "WebSocket devices connected now"),
+            messages_accepted: counter("messages_accepted_total", "Message copies accepted"),
+            messages_delivered_live: counter(
+                "messages_delivered_live_total",
+                "Copies acknowledged over a live connection without being stored",
+            ),
+            messages_spilled: counter("messages_spilled_total", "Copies committed to a mailbox"),
+            messages_acknowledged: counter(
+                "messages_acknowledged_total",
+                "Mailbox copies deleted by an acknowledgement",
+            ),
+            messages_expired: counter(
+                "messages_expired_total",
+                "Mailbox copies deleted by retention",
+            ),
+            messages_dropped: counter(
+                "messages_dropped_total",
+                "Ephemeral copies dropped because the device was offline",
+            ),
+            mailbox_depth: gauge("mailbox_depth", "Copies waiting in mailboxes (last sweep)"),
+            bundle_fetches: counter("bundle_fetches_total", "Prekey bundles handed out"),
+            one_time_keys_issued: counter_vec(
+                "one_time_keys_issued_total",
+                "One-time prekeys handed out",
+                &["kind"],
+            ),
+            rate_limited: counter_vec(
+                "rate_limited_total",
+                "Requests refused by a rate limit",
+                &["limit"],
+            ),
+            http_requests: counter_vec(
+                "http_requests_total",
+                "HTTP requests by route template and status",
+                &["method", "route", "status"],
+            ),
+            http_latency,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+            log::error!("cannot encode metrics: {e}");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

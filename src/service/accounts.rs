@@ -1,0 +1,227 @@
+//! Accounts, devices and authentication.
+
+use std::net::IpAddr;
+
+use subtle::ConstantTimeEq;
+
+use crate::actors::router::CloseDevices;
+use crate::domain::address::{AccountId, Address, DeviceId};
+use crate::domain::envelope::REGISTRATION_ID_RANGE;
+use crate::domain::secret;
+use crate::error::ApiError;
+use crate::state::State;
+use crate::store::{self, accounts::LinkRefusal, accounts::NewDevice};
+use crate::wire::{DeviceInfo, LinkRequest, ProvisioningCode, RegisterRequest, RegisteredDevice};
+
+/// Authenticated requests refresh `lastSeenAt` at most this often.
+const LAST_SEEN_GRANULARITY_MS: i64 = 60 * 60 * 1000;
+
+fn check_new_device(password: &str, registration_id: i64) -> Result<i32, ApiError> {
+    if !secret::is_valid_secret(password) {
+        return Err(ApiError::bad_request(
+            "password must be 16 to 256 bytes of printable ASCII",
+        ));
+    }
+    if !REGISTRATION_ID_RANGE.contains(&registration_id) {
+        return Err(ApiError::bad_request("registrationId must be in 1..=16380"));
+    }
+    Ok(registration_id as i32)
+}
+
+/// `POST /v1/accounts`.
+pub async fn register(
+    state: &State,
+    ip: IpAddr,
+    req: RegisterRequest,
+) -> Result<RegisteredDevice, ApiError> {
+    state.limits.register(ip)?;
+    if let Some(expected) = &state.config.registration_token {
+        let given = req.registration_token.as_deref().unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+            return Err(ApiError::Forbidden("a valid registrationToken is required"));
+        }
+    }
+    let registration_id = check_new_device(&req.password, req.registration_id)?;
+    let account = AccountId::random();
+    let password = req.password;
+    store::blocking(&state.pool, move |conn| {
+        let (salt, hash) = secret::hash_new_secret(&password);
+        let device = NewDevice {
+            registration_id,
+            salt: &salt,
+            hash: &hash,
+            now: store::now_ms(),
+        };
+        store::accounts::insert_account(conn, account, &device).map_err(ApiError::from)
+    })
+    .await?;
+    log::info!("registered account {account}");
+    Ok(RegisteredDevice {
+        uuid: account.to_string(),
+        device_id: 1,
+    })
+}
+
+/// `POST /v1/devices/provisioning` (primary only).
+pub async fn provision(state: &State, device: Address) -> Result<ProvisioningCode, ApiError> {
+    if !device.device.is_primary() {
+        return Err(ApiError::Forbidden(
+            "only the primary device can link devices",
+        ));
+    }
+    state.limits.provisioning(device.account)?;
+    let code = secret::new_provisioning_code();
+    let code_hash = secret::provisioning_code_hash(&code);
+    let ttl_ms =
+        i64::try_from(state.config.provisioning_code_ttl().as_millis()).unwrap_or(i64::MAX);
+    let expires_at = store::now_ms().saturating_add(ttl_ms);
+    store::blocking(&state.pool, move |conn| {
+        store::accounts::insert_provisioning_code(conn, &code_hash, device.account, expires_at)
+            .map_err(ApiError::from)
+    })
+    .await?;
+    Ok(ProvisioningCode { code, expires_at })
+}
+
+/// `POST /v1/devices`: consumes the code and adds a device.
+pub async fn link(
+    state: &State,
+    ip: IpAddr,
+    req: LinkRequest,
+) -> Result<RegisteredDevice, ApiError> {
+    state.limits.link(ip)?;
+    let registration_id = check_new_device(&req.password, req.registration_id)?;
+    if req.code.is_empty() || req.code.len() > 64 {
+        return Err(ApiError::Forbidden("invalid or expired linking code"));
+    }
+    let code_hash = secret::provisioning_code_hash(&req.code);
+    let max_devices = state.config.max_devices;
+    let password = req.password;
+    let linked = store::blocking(&state.pool, move |conn| {
+        let (salt, hash) = secret::hash_new_secret(&password);
+        let device = NewDevice {
+            registration_id,
+            salt: &salt,
+            hash: &hash,
+            now: store::now_ms(),
+        };
+        store::accounts::link_device(conn, &code_hash, &device, max_devices).map_err(ApiError::from)
+    })
+    .await?;
+    match linked {
+        Ok(address) => {
+            log::info!("linked device {address}");
+            Ok(RegisteredDevice {
+                uuid: address.account.to_string(),
+                device_id: address.device.0,
+            })
+        }
+        Err(LinkRefusal::InvalidCode) => {
+            Err(ApiError::Forbidden("invalid or expired linking code"))
+        }
+        Err(LinkRefusal::TooManyDevices) => Err(ApiError::Forbidden(
+            "the account already has the maximum number of devices",
+        )),
+    }
+}
+
+/// `GET /v1/devices`.
+pub async fn list_devices(state: &State, device: Address) -> Result<Vec<DeviceInfo>, ApiError> {
+    let rows = store::blocking(&state.pool, move |conn| {
+        store::accounts::list_devices(conn, device.account).map_err(ApiError::from)
+    })
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| DeviceInfo {
+            device_id: DeviceId::from_db(r.device_id).0,
+            registration_id: r.registration_id,
+            created_at: r.created_at,
+            last_seen_at: r.last_seen_at,
+        })
+        .collect())
+}
+
+/// `DELETE /v1/devices/{deviceId}`: the primary may remove any linked
+/// device, a linked device itself; the primary is removed only with its account.
+pub async fn delete_device(
+    state: &State,
+    device: Address,
+    target: DeviceId,
+) -> Result<(), ApiError> {
+    if target.is_primary() {
+        return Err(ApiError::Forbidden(
+            "the primary device is removed by deleting the account",
+        ));
+    }
+    if !device.device.is_primary() && device.device != target {
+        return Err(ApiError::Forbidden(
+            "only the primary device or the device itself",
+        ));
+    }
+    let victim = Address::new(device.account, target);
+    let removed = store::blocking(&state.pool, move |conn| {
+        store::accounts::delete_device(conn, victim).map_err(ApiError::from)
+    })
+    .await?;
+    if !removed {
+        return Err(ApiError::NotFound("no such device"));
+    }
+    state.router.do_send(CloseDevices {
+        account: device.account,
+        device: Some(target),
+    });
+    log::info!("removed device {victim}");
+    Ok(())
+}
+
+/// `DELETE /v1/accounts/me` (primary only).
+pub async fn delete_account(state: &State, device: Address) -> Result<(), ApiError> {
+    if !device.device.is_primary() {
+        return Err(ApiError::Forbidden(
+            "only the primary device can delete the account",
+        ));
+    }
+    store::blocking(&state.pool, move |conn| {
+        store::accounts::delete_account(conn, device.account).map_err(ApiError::from)
+    })
+    .await?;
+    state.router.do_send(CloseDevices {
+        account: device.account,
+        device: None,
+    });
+    log::info!("deleted account {}", device.account);
+    Ok(())
+}
+
+/// Checks a device's secret. Unknown device and wrong secret are the same
+/// `401`, after the same amount of hashing; failures count against the
+/// client IP's limit.
+pub async fn authenticate(
+    state: &State,
+    ip: IpAddr,
+    address: Address,
+    password: String,
+) -> Result<Address, ApiError> {
+    let ok = store::blocking(&state.pool, move |conn| {
+        let Some(stored) = store::accounts::find_secret(conn, address)? else {
+            secret::verify_against_nothing(&password);
+            return Ok::<bool, ApiError>(false);
+        };
+        if !secret::verify_secret(&stored.salt, &stored.hash, &password) {
+            return Ok(false);
+        }
+        let now = store::now_ms();
+        if now - stored.last_seen_at > LAST_SEEN_GRANULARITY_MS {
+            store::accounts::touch_device(conn, address, now)?;
+        }
+        Ok(true)
+    })
+    .await?;
+    if ok {
+        Ok(address)
+    } else {
+        state.limits.auth_failure(ip)?;
+        Err(ApiError::Unauthorized)
+    }
+}

@@ -1,0 +1,7 @@
+//! Orchestration shared by the HTTP handlers and the WebSocket session:
+//! validation, rate limits, storage and actors, with no HTTP types. Each
+//! function returns the SPEC's answer or an `ApiError`.
+
+pub mod accounts;
+pub mod keys;
+pub mod messaging;

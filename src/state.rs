@@ -1,0 +1,36 @@
+//! `AppState`: the handles every handler and session shares. Built once by
+//! `app::run`, handed to actix-web as `web::Data` (an `Arc`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use actix::Addr;
+
+use crate::actors::keys::KeysActor;
+use crate::actors::mailbox::MailboxWriter;
+use crate::actors::router::Router;
+use crate::config::Config;
+use crate::limits::Limiters;
+use crate::metrics::Metrics;
+use crate::store::Pool;
+
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub pool: Pool,
+    pub router: Addr<Router>,
+    pub keys: Addr<KeysActor>,
+    pub writer: MailboxWriter,
+    pub limits: Limiters,
+    pub metrics: Metrics,
+    /// Set at the start of a graceful shutdown: `/readyz` answers 503 and
+    /// new sends are refused.
+    pub draining: AtomicBool,
+}
+
+impl AppState {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+pub type State = actix_web::web::Data<AppState>;

@@ -1,0 +1,413 @@
+//! Prekeys: identity key, signed prekey, PQ last-resort key and the one-time
+//! EC and PQ prekeys.
+//!
+//! One-time keys are handed out at most once, ever: [`take_bundle`] deletes
+//! each key in the same statement that reads it (`DELETE … RETURNING`), inside
+//! one transaction. On PostgreSQL the row is chosen `FOR UPDATE SKIP LOCKED`,
+//! so several server processes sharing one database never hand out the same
+//! key and never wait on each other; SQLite serialises writers by itself.
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Binary, Text};
+use diesel::upsert::excluded;
+
+use super::schema::{
+    accounts, devices, one_time_pre_keys, pq_last_resort_keys, pq_one_time_pre_keys,
+    signed_pre_keys,
+};
+use super::{with_conn, Conn, StoreError};
+use crate::domain::address::{AccountId, Address, DeviceId};
+
+/// A key with a signature by the identity key (signed prekey, PQ keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedKey {
+    pub key_id: u32,
+    pub public_key: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// An unsigned one-time EC prekey.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OneTimeKey {
+    pub key_id: u32,
+    pub public_key: Vec<u8>,
+}
+
+/// A checked upload: every key decoded and every signature verified.
+#[derive(Debug, Clone, Default)]
+pub struct KeySet {
+    pub identity_key: Vec<u8>,
+    pub signed_pre_key: Option<SignedKey>,
+    pub pq_last_resort: Option<SignedKey>,
+    pub one_time: Vec<OneTimeKey>,
+    pub pq_one_time: Vec<SignedKey>,
+}
+
+/// Why an upload was refused; nothing of it was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadRefusal {
+    /// The identity key differs from the account's (or a linked device
+    /// uploads before the primary set one).
+    IdentityMismatch,
+    /// More one-time keys than the per-device bound would be stored.
+    TooManyKeys,
+}
+
+/// One device's part of a prekey bundle.
+#[derive(Debug, Clone)]
+pub struct BundleDevice {
+    pub device_id: DeviceId,
+    pub registration_id: i32,
+    pub signed_pre_key: SignedKey,
+    pub pre_key: Option<OneTimeKey>,
+    /// A one-time PQ key when one is left, else the last-resort key.
+    pub pq_pre_key: Option<SignedKey>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub identity_key: Vec<u8>,
+    pub devices: Vec<BundleDevice>,
+}
+
+enum TxError {
+    Store(StoreError),
+    Refused(UploadRefusal),
+}
+
+impl From<diesel::result::Error> for TxError {
+    fn from(e: diesel::result::Error) -> Self {
+        TxError::Store(StoreError::Query(e))
+    }
+}
+
+fn key_id(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+/// Stores an upload in one transaction: all of it, or (on refusal or error) none.
+pub fn store_keys(
+    conn: &mut Conn,
+    addr: Address,
+    keys: &KeySet,
+    max_one_time_keys: u64,
+) -> Result<Result<(), UploadRefusal>, StoreError> {
+    let account = addr.account.as_db();
+    let device = addr.device.as_db();
+    let result = with_conn!(conn, c => c.transaction::<_, TxError, _>(|c| {
+        let current: Option<Option<Vec<u8>>> = accounts::table
+            .filter(accounts::uuid.eq(&account))
+            .select(accounts::identity_key)
+            .first(c)
+            .optional()?;
+        match current {
+            // The authenticated device's account vanished mid-request.
+            None => return Err(TxError::Refused(UploadRefusal::IdentityMismatch)),
+            Some(Some(stored)) if stored != keys.identity_key => {
+                return Err(TxError::Refused(UploadRefusal::IdentityMismatch))
+            }
+            Some(Some(_)) => {}
+            Some(None) if addr.device.is_primary() => {
+                diesel::update(accounts::table)
+                    .filter(accounts::uuid.eq(&account))
+                    .set(accounts::identity_key.eq(&keys.identity_key))
+                    .execute(c)?;
+            }
+            Some(None) => return Err(TxError::Refused(UploadRefusal::IdentityMismatch)),
+        }
+        if let Some(k) = &keys.signed_pre_key {
+            diesel::insert_into(signed_pre_keys::table)
+                .values((
+                    signed_pre_keys::account.eq(&account),
+                    signed_pre_keys::device_id.eq(device),
+                    signed_pre_keys::key_id.eq(i64::from(k.key_id)),
+                    signed_pre_keys::public_key.eq(&k.public_key),
+                    signed_pre_keys::signature.eq(&k.signature),
+                ))
+                .on_conflict((signed_pre_keys::account, signed_pre_keys::device_id))
+                .do_update()
+                .set((
+                    signed_pre_keys::key_id.eq(i64::from(k.key_id)),
+                    signed_pre_keys::public_key.eq(&k.public_key),
+                    signed_pre_keys::signature.eq(&k.signature),
+                ))
+                .execute(c)?;
+        }
+        if let Some(k) = &keys.pq_last_resort {
+            diesel::insert_into(pq_last_resort_keys::table)
+                .values((
+                    pq_last_resort_keys::account.eq(&account),
+                    pq_last_resort_keys::device_id.eq(device),
+                    pq_last_resort_keys::key_id.eq(i64::from(k.key_id)),
+                    pq_last_resort_keys::public_key.eq(&k.public_key),
+                    pq_last_resort_keys::signature.eq(&k.signature),
+                ))
+                .on_conflict((pq_last_resort_keys::account, pq_last_resort_keys::device_id))
+                .do_update()
+                .set((
+                    pq_last_resort_keys::key_id.eq(i64::from(k.key_id)),
+                    pq_last_resort_keys::public_key.eq(&k.public_key),
+                    pq_last_resort_keys::signature.eq(&k.signature),
+                ))
+                .execute(c)?;
+        }
+        // A re-uploaded key id replaces the old key: the client may have
+        // discarded the old private key.
+        for k in &keys.one_time {
+            diesel::insert_into(one_time_pre_keys::table)
+                .values((
+                    one_time_pre_keys::account.eq(&account),
+                    one_time_pre_keys::device_id.eq(device),
+                    one_time_pre_keys::key_id.eq(i64::from(k.key_id)),
+                    one_time_pre_keys::public_key.eq(&k.public_key),
+                ))
+                .on_conflict((
+                    one_time_pre_keys::account,
+                    one_time_pre_keys::device_id,
+                    one_time_pre_keys::key_id,
+                ))
+                .do_update()
+                .set(one_time_pre_keys::public_key.eq(excluded(one_time_pre_keys::public_key)))
+                .execute(c)?;
+        }
+        for k in &keys.pq_one_time {
+            diesel::insert_into(pq_one_time_pre_keys::table)
+                .values((
+                    pq_one_time_pre_keys::account.eq(&account),
+                    pq_one_time_pre_keys::device_id.eq(device),
+                    pq_one_time_pre_keys::key_id.eq(i64::from(k.key_id)),
+                    pq_one_time_pre_keys::public_key.eq(&k.public_key),
+                    pq_one_time_pre_keys::signature.eq(&k.signature),
+                ))
+                .on_conflict((
+                    pq_one_time_pre_keys::account,
+                    pq_one_time_pre_keys::device_id,
+                    pq_one_time_pre_keys::key_id,
+                ))
+                .do_update()
+                .set((
+                    pq_one_time_pre_keys::public_key.eq(excluded(pq_one_time_pre_keys::public_key)),
+                    pq_one_time_pre_keys::signature.eq(excluded(pq_one_time_pre_keys::signature)),
+                ))
+                .execute(c)?;
+        }
+        if !keys.one_time.is_empty() || !keys.pq_one_time.is_empty() {
+            let (ec, pq) = count_for(c, &account, device)?;
+            let max = i64::try_from(max_one_time_keys).unwrap_or(i64::MAX);
+            if ec > max || pq > max {
+                return Err(TxError::Refused(UploadRefusal::TooManyKeys));
+            }
+        }
+        Ok(())
+    }));
+    match result {
+        Ok(()) => Ok(Ok(())),
+        Err(TxError::Refused(r)) => Ok(Err(r)),
+        Err(TxError::Store(e)) => Err(e),
+    }
+}
+
+/// `count_for!(c, account, device)`: one-time EC and PQ keys left.
+macro_rules! count_for_impl {
+    ($c:expr, $account:expr, $device:expr) => {{
+        let ec: i64 = one_time_pre_keys::table
+            .filter(one_time_pre_keys::account.eq($account))
+            .filter(one_time_pre_keys::device_id.eq($device))
+            .count()
+            .get_result($c)?;
+        let pq: i64 = pq_one_time_pre_keys::table
+            .filter(pq_one_time_pre_keys::account.eq($account))
+            .filter(pq_one_time_pre_keys::device_id.eq($device))
+            .count()
+            .get_result($c)?;
+        Ok((ec, pq))
+    }};
+}
+
+fn count_for<C>(c: &mut C, account: &str, device: i64) -> Result<(i64, i64), diesel::result::Error>
+where
+    C: CountKeys,
+{
+    c.count_keys(account, device)
+}
+
+/// Counting is the same query on both backends; a trait keeps the generic
+/// helper callable from inside either backend's transaction.
+trait CountKeys {
+    fn count_keys(
+        &mut self,
+        account: &str,
+        device: i64,
+    ) -> Result<(i64, i64), diesel::result::Error>;
+}
+
+impl CountKeys for diesel::pg::PgConnection {
+    fn count_keys(
+        &mut self,
+        account: &str,
+        device: i64,
+    ) -> Result<(i64, i64), diesel::result::Error> {
+        count_for_impl!(self, account, device)
+    }
+}
+
+impl CountKeys for diesel::sqlite::SqliteConnection {
+    fn count_keys(
+        &mut self,
+        account: &str,
+        device: i64,
+    ) -> Result<(i64, i64), diesel::result::Error> {
+        count_for_impl!(self, account, device)
+    }
+}
+
+/// One-time EC and PQ keys left for a device: `(count, pqCount)`.
+pub fn count_one_time_keys(conn: &mut Conn, addr: Address) -> Result<(i64, i64), StoreError> {
+    let account = addr.account.as_db();
+    let counts = with_conn!(conn, c => c.count_keys(&account, addr.device.as_db()))?;
+    Ok(counts)
+}
+
+#[derive(QueryableByName)]
+struct TakenKey {
+    #[diesel(sql_type = BigInt)]
+    key_id: i64,
+    #[diesel(sql_type = Binary)]
+    public_key: Vec<u8>,
+}
+
+#[derive(QueryableByName)]
+struct TakenSignedKey {
+    #[diesel(sql_type = BigInt)]
+    key_id: i64,
+    #[diesel(sql_type = Binary)]
+    public_key: Vec<u8>,
+    #[diesel(sql_type = Binary)]
+    signature: Vec<u8>,
+}
+
+const TAKE_EC_PG: &str = "DELETE FROM one_time_pre_keys WHERE (account, device_id, key_id) IN \
+    (SELECT account, device_id, key_id FROM one_time_pre_keys WHERE account = $1 AND device_id = $2 \
+     ORDER BY key_id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING key_id, public_key";
+const TAKE_EC_SQLITE: &str = "DELETE FROM one_time_pre_keys WHERE (account, device_id, key_id) IN \
+    (SELECT account, device_id, key_id FROM one_time_pre_keys WHERE account = ? AND device_id = ? \
+     ORDER BY key_id LIMIT 1) RETURNING key_id, public_key";
+const TAKE_PQ_PG: &str = "DELETE FROM pq_one_time_pre_keys WHERE (account, device_id, key_id) IN \
+    (SELECT account, device_id, key_id FROM pq_one_time_pre_keys WHERE account = $1 AND device_id = $2 \
+     ORDER BY key_id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING key_id, public_key, signature";
+const TAKE_PQ_SQLITE: &str = "DELETE FROM pq_one_time_pre_keys WHERE (account, device_id, key_id) IN \
+    (SELECT account, device_id, key_id FROM pq_one_time_pre_keys WHERE account = ? AND device_id = ? \
+     ORDER BY key_id LIMIT 1) RETURNING key_id, public_key, signature";
+
+/// The body of [`take_bundle`] for one concrete backend (the take statements differ).
+macro_rules! take_bundle_tx {
+    ($c:expr, $account:expr, $device:expr, $take_ec:expr, $take_pq:expr) => {{
+        let identity: Option<Option<Vec<u8>>> = accounts::table
+            .filter(accounts::uuid.eq($account))
+            .select(accounts::identity_key)
+            .first($c)
+            .optional()?;
+        let Some(Some(identity_key)) = identity else {
+            return Ok(None);
+        };
+        let mut query = devices::table
+            .inner_join(
+                signed_pre_keys::table.on(signed_pre_keys::account
+                    .eq(devices::account)
+                    .and(signed_pre_keys::device_id.eq(devices::device_id))),
+            )
+            .filter(devices::account.eq($account))
+            .select((
+                devices::device_id,
+                devices::registration_id,
+                signed_pre_keys::key_id,
+                signed_pre_keys::public_key,
+                signed_pre_keys::signature,
+            ))
+            .order(devices::device_id.asc())
+            .into_boxed();
+        if let Some(d) = $device {
+            query = query.filter(devices::device_id.eq(d.as_db()));
+        }
+        let rows: Vec<(i64, i32, i64, Vec<u8>, Vec<u8>)> = query.load($c)?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut devices_out = Vec::with_capacity(rows.len());
+        for (device_id, registration_id, spk_id, spk, spk_sig) in rows {
+            let pre_key = diesel::sql_query($take_ec)
+                .bind::<Text, _>($account)
+                .bind::<BigInt, _>(device_id)
+                .get_result::<TakenKey>($c)
+                .optional()?
+                .map(|k| OneTimeKey {
+                    key_id: key_id(k.key_id),
+                    public_key: k.public_key,
+                });
+            let pq_one_time = diesel::sql_query($take_pq)
+                .bind::<Text, _>($account)
+                .bind::<BigInt, _>(device_id)
+                .get_result::<TakenSignedKey>($c)
+                .optional()?
+                .map(|k| SignedKey {
+                    key_id: key_id(k.key_id),
+                    public_key: k.public_key,
+                    signature: k.signature,
+                });
+            let pq_pre_key = match pq_one_time {
+                Some(k) => Some(k),
+                None => pq_last_resort_keys::table
+                    .filter(pq_last_resort_keys::account.eq($account))
+                    .filter(pq_last_resort_keys::device_id.eq(device_id))
+                    .select((
+                        pq_last_resort_keys::key_id,
+                        pq_last_resort_keys::public_key,
+                        pq_last_resort_keys::signature,
+                    ))
+                    .first::<(i64, Vec<u8>, Vec<u8>)>($c)
+                    .optional()?
+                    .map(|(id, public_key, signature)| SignedKey {
+                        key_id: key_id(id),
+                        public_key,
+                        signature,
+                    }),
+            };
+            devices_out.push(BundleDevice {
+                device_id: DeviceId::from_db(device_id),
+                registration_id,
+                signed_pre_key: SignedKey {
+                    key_id: key_id(spk_id),
+                    public_key: spk,
+                    signature: spk_sig,
+                },
+                pre_key,
+                pq_pre_key,
+            });
+        }
+        Ok(Some(Bundle {
+            identity_key,
+            devices: devices_out,
+        }))
+    }};
+}
+
+/// Builds the prekey bundle of one device (`Some(id)`) or all devices
+/// (`None`) of `account`, taking one one-time key of each kind per device.
+/// Devices that never uploaded a signed prekey are left out. `None` when the
+/// account, or the named device's keys, do not exist.
+pub fn take_bundle(
+    conn: &mut Conn,
+    account: AccountId,
+    device: Option<DeviceId>,
+) -> Result<Option<Bundle>, StoreError> {
+    let id = account.as_db();
+    let bundle = match conn {
+        Conn::Pg(c) => c.transaction::<_, StoreError, _>(|c| {
+            take_bundle_tx!(c, &id, device, TAKE_EC_PG, TAKE_PQ_PG)
+        })?,
+        Conn::Sqlite(c) => c.transaction::<_, StoreError, _>(|c| {
+            take_bundle_tx!(c, &id, device, TAKE_EC_SQLITE, TAKE_PQ_SQLITE)
+        })?,
+    };
+    Ok(bundle)
+}

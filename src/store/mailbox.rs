@@ -1,0 +1,190 @@
+//! The durable mailbox: one row per undelivered copy, ordered by guid
+//! (UUIDv7, so by acceptance time) within each device.
+//!
+//! Writes arrive here only from the mailbox writer's thread, in batches
+//! ([`apply`]); reads ([`load_page`], [`count_for_devices`]) come from the
+//! blocking pool and never hold a transaction open across pages.
+
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use super::schema::mailbox;
+use super::{with_conn, Conn, StoreError};
+use crate::domain::address::{AccountId, Address, DeviceId};
+use crate::domain::envelope::Envelope;
+
+/// One write in a batch, applied in order.
+pub enum Write<'a> {
+    Insert {
+        dest: Address,
+        envelope: &'a Envelope,
+    },
+    Delete {
+        dest: Address,
+        guid: Uuid,
+    },
+}
+
+/// Rows per multi-row INSERT: 9 columns × 500 stays far below SQLite's bound
+/// on bind parameters.
+const INSERT_CHUNK: usize = 500;
+
+type Row = (String, i64, String, String, i64, i32, i64, i64, Vec<u8>);
+
+/// One multi-row INSERT of `Row`s for either concrete backend.
+macro_rules! insert_rows {
+    ($c:expr, $rows:expr) => {{
+        let values: Vec<_> = $rows
+            .iter()
+            .map(|r| {
+                (
+                    mailbox::account.eq(&r.0),
+                    mailbox::device_id.eq(r.1),
+                    mailbox::guid.eq(&r.2),
+                    mailbox::source.eq(&r.3),
+                    mailbox::source_device.eq(r.4),
+                    mailbox::msg_type.eq(r.5),
+                    mailbox::timestamp.eq(r.6),
+                    mailbox::server_timestamp.eq(r.7),
+                    mailbox::content.eq(&r.8),
+                )
+            })
+            .collect();
+        diesel::insert_into(mailbox::table)
+            .values(values)
+            .execute($c)
+    }};
+}
+
+/// Applies `writes` in one transaction, in order, and returns per write
+/// whether it changed a row (an insert always does; a delete only if the
+/// copy was there). Consecutive inserts go out as one multi-row INSERT.
+pub fn apply(conn: &mut Conn, writes: &[Write<'_>]) -> Result<Vec<bool>, StoreError> {
+    with_conn!(conn, c => c.transaction::<_, StoreError, _>(|c| {
+        let mut results = Vec::with_capacity(writes.len());
+        let mut pending: Vec<Row> = Vec::new();
+        for w in writes {
+            match w {
+                Write::Insert { dest, envelope } => {
+                    pending.push(row(*dest, envelope));
+                    results.push(true);
+                }
+                Write::Delete { dest, guid } => {
+                    for chunk in pending.chunks(INSERT_CHUNK) {
+                        insert_rows!(c, chunk)?;
+                    }
+                    pending.clear();
+                    let n = diesel::delete(mailbox::table)
+                        .filter(mailbox::account.eq(dest.account.as_db()))
+                        .filter(mailbox::device_id.eq(dest.device.as_db()))
+                        .filter(mailbox::guid.eq(guid.hyphenated().to_string()))
+                        .execute(c)?;
+                    results.push(n > 0);
+                }
+            }
+        }
+        for chunk in pending.chunks(INSERT_CHUNK) {
+            insert_rows!(c, chunk)?;
+        }
+        Ok(results)
+    }))
+}
+
+fn row(dest: Address, e: &Envelope) -> Row {
+    (
+        dest.account.as_db(),
+        dest.device.as_db(),
+        e.guid.hyphenated().to_string(),
+        e.source.account.as_db(),
+        e.source.device.as_db(),
+        e.msg_type,
+        e.timestamp,
+        e.server_timestamp,
+        e.content.clone(),
+    )
+}
+
+/// Up to `limit` copies for `dest` with a guid after `after`, oldest first.
+pub fn load_page(
+    conn: &mut Conn,
+    dest: Address,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Envelope>, StoreError> {
+    let account = dest.account.as_db();
+    let after = after
+        .map(|g| g.hyphenated().to_string())
+        .unwrap_or_default();
+    let rows: Vec<Row> = with_conn!(conn, c => mailbox::table
+        .filter(mailbox::account.eq(&account))
+        .filter(mailbox::device_id.eq(dest.device.as_db()))
+        .filter(mailbox::guid.gt(&after))
+        .order(mailbox::guid.asc())
+        .limit(limit)
+        .load(c))?;
+    Ok(rows.into_iter().filter_map(envelope).collect())
+}
+
+/// Rows were written by this program; one that does not parse is skipped
+/// (and logged) rather than failing the whole page.
+fn envelope(r: Row) -> Option<Envelope> {
+    let parsed = (|| {
+        Some(Envelope {
+            guid: Uuid::parse_str(&r.2).ok()?,
+            source: Address::new(r.3.parse().ok()?, DeviceId::from_db(r.4)),
+            msg_type: r.5,
+            timestamp: r.6,
+            server_timestamp: r.7,
+            content: r.8,
+        })
+    })();
+    if parsed.is_none() {
+        log::error!("skipping unreadable mailbox row for {}.{}", r.0, r.1);
+    }
+    parsed
+}
+
+/// Copies waiting per device of `account`, for the mailbox cap.
+pub fn count_for_devices(
+    conn: &mut Conn,
+    account: AccountId,
+) -> Result<Vec<(DeviceId, i64)>, StoreError> {
+    let id = account.as_db();
+    let rows: Vec<(i64, i64)> = with_conn!(conn, c => mailbox::table
+        .filter(mailbox::account.eq(&id))
+        .group_by(mailbox::device_id)
+        .select((mailbox::device_id, diesel::dsl::count_star()))
+        .load(c))?;
+    Ok(rows
+        .into_iter()
+        .map(|(d, n)| (DeviceId::from_db(d), n))
+        .collect())
+}
+
+/// Deletes copies accepted before `before_ms`, at most `limit` per call, so
+/// a sweep never holds the write lock for long. Returns how many.
+pub fn delete_expired(conn: &mut Conn, before_ms: i64, limit: i64) -> Result<usize, StoreError> {
+    let n = with_conn!(conn, c => {
+        let victims: Vec<(String, i64, String)> = mailbox::table
+            .filter(mailbox::server_timestamp.lt(before_ms))
+            .select((mailbox::account, mailbox::device_id, mailbox::guid))
+            .limit(limit)
+            .load(c)?;
+        let mut n = 0;
+        for (account, device, guid) in victims {
+            n += diesel::delete(mailbox::table)
+                .filter(mailbox::account.eq(account))
+                .filter(mailbox::device_id.eq(device))
+                .filter(mailbox::guid.eq(guid))
+                .execute(c)?;
+        }
+        Ok::<usize, diesel::result::Error>(n)
+    })?;
+    Ok(n)
+}
+
+/// Total copies waiting, for the mailbox-depth gauge.
+pub fn total(conn: &mut Conn) -> Result<i64, StoreError> {
+    let n = with_conn!(conn, c => mailbox::table.count().get_result(c))?;
+    Ok(n)
+}

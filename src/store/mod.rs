@@ -1,0 +1,198 @@
+//! All Diesel code lives here: plain synchronous functions over `&mut Conn`.
+//! Nothing in this module is async and nothing outside it builds a query.
+//!
+//! Two ways in, and no others: [`blocking`] (a `web::block` around the pool
+//! checkout, for handlers and services) and the dedicated threads of the keys
+//! actor and the mailbox writer.
+//!
+//! # Backends
+//! [`Conn`] is either a PostgreSQL or a SQLite connection, chosen by the URL
+//! scheme (never by trial: `SqliteConnection` accepts any path). Store
+//! functions are written once with [`with_conn!`], which instantiates the same
+//! Diesel code for each concrete backend, so every query is type-checked
+//! against both and no `MultiBackend` subset applies. The migrations use only
+//! SQL both accept, so one directory serves both.
+
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::sqlite::SqliteConnection;
+use diesel::Connection;
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+pub mod accounts;
+pub mod keys;
+pub mod mailbox;
+pub mod schema;
+
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// A connection to either backend.
+pub enum Conn {
+    Pg(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+/// Runs `$body` with `$c` bound to the concrete connection of either backend.
+macro_rules! with_conn {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            $crate::store::Conn::Pg($c) => $body,
+            $crate::store::Conn::Sqlite($c) => $body,
+        }
+    };
+}
+pub(crate) use with_conn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("connect: {0}")]
+    Connect(#[from] diesel::ConnectionError),
+    #[error("pool: {0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("migrations: {0}")]
+    Migration(String),
+}
+
+/// Which database a URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Postgres(String),
+    /// A file path (`:memory:` is refused: each pooled connection would get its own database).
+    Sqlite(String),
+}
+
+impl Backend {
+    pub fn from_url(url: &str) -> Result<Backend, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Backend::Postgres(url.to_owned()));
+        }
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        if path.is_empty() || path == ":memory:" {
+            return Err(StoreError::Migration(
+                "database_url must be a postgres:// URL or a SQLite file path".into(),
+            ));
+        }
+        Ok(Backend::Sqlite(path.to_owned()))
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Postgres(_) => "postgresql",
+            Backend::Sqlite(_) => "sqlite",
+        }
+    }
+}
+
+/// How long a SQLite connection waits for the write lock before `SQLITE_BUSY`.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// r2d2 manager that builds a [`Conn`] for the configured backend and applies
+/// the SQLite pragmas on every new connection.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    backend: Backend,
+}
+
+impl Manager {
+    pub fn new(backend: Backend) -> Self {
+        Manager { backend }
+    }
+
+    pub fn connect(&self) -> Result<Conn, StoreError> {
+        match &self.backend {
+            Backend::Postgres(url) => Ok(Conn::Pg(PgConnection::establish(url)?)),
+            Backend::Sqlite(path) => {
+                let mut c = SqliteConnection::establish(path)?;
+                // WAL: readers never block the writer. synchronous=FULL: a
+                // commit is on disk before the sender is answered, so an
+                // answered send survives power loss, not only a crash; the
+                // mailbox writer's group commit pays one fsync per batch.
+                c.batch_execute(&format!(
+                    "PRAGMA journal_mode = WAL;
+                     PRAGMA synchronous = FULL;
+                     PRAGMA foreign_keys = ON;
+                     PRAGMA busy_timeout = {};",
+                    SQLITE_BUSY_TIMEOUT.as_millis()
+                ))
+                .map_err(StoreError::Query)?;
+                Ok(Conn::Sqlite(c))
+            }
+        }
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = StoreError;
+
+    fn connect(&self) -> Result<Conn, StoreError> {
+        Manager::connect(self)
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), StoreError> {
+        with_conn!(conn, c => c.batch_execute("SELECT 1")).map_err(StoreError::Query)
+    }
+
+    fn has_broken(&self, _conn: &mut Conn) -> bool {
+        false
+    }
+}
+
+pub type Pool = r2d2::Pool<Manager>;
+pub type PooledConn = r2d2::PooledConnection<Manager>;
+
+/// Opens the pool. For SQLite the file is created on first start.
+pub fn open_pool(database_url: &str, size: u32) -> Result<Pool, StoreError> {
+    let backend = Backend::from_url(database_url)?;
+    let pool = r2d2::Pool::builder()
+        .max_size(size)
+        .connection_timeout(Duration::from_secs(10))
+        .build(Manager::new(backend))?;
+    Ok(pool)
+}
+
+/// Applies pending migrations; returns how many ran.
+pub fn migrate(conn: &mut Conn) -> Result<usize, StoreError> {
+    let ran = with_conn!(conn, c => c
+        .run_pending_migrations(MIGRATIONS)
+        .map(|v| v.len())
+        .map_err(|e| StoreError::Migration(e.to_string())))?;
+    Ok(ran)
+}
+
+/// Runs `f` on the blocking thread pool with a pooled connection: the only
+/// way async code touches the database. The pool checkout itself may block,
+/// so it happens inside the closure too.
+pub async fn blocking<T, E, F>(pool: &Pool, f: F) -> Result<T, E>
+where
+    F: FnOnce(&mut Conn) -> Result<T, E> + Send + 'static,
+    T: Send + 'static,
+    E: From<StoreError> + From<actix_web::error::BlockingError> + Send + 'static,
+{
+    let pool = pool.clone();
+    actix_web::web::block(move || {
+        let mut conn = pool.get().map_err(StoreError::from)?;
+        f(&mut conn)
+    })
+    .await?
+}
+
+/// Milliseconds since the Unix epoch: every stored time uses this unit.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// True when `e` is a unique or primary-key violation (an insert raced another).
+pub fn is_unique_violation(e: &diesel::result::Error) -> bool {
+    matches!(
+        e,
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
+    )
+}

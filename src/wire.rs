@@ -1,0 +1,244 @@
+//! JSON bodies and WebSocket frames exactly as the SPEC spells them
+//! (camelCase, binary values in standard base64). Parsing only: the rules
+//! live in `domain/` and `service/`.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::domain::envelope::Envelope;
+
+// ---- accounts and devices ----
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterRequest {
+    pub password: String,
+    pub registration_id: i64,
+    #[serde(default)]
+    pub registration_token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkRequest {
+    pub code: String,
+    pub password: String,
+    pub registration_id: i64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisteredDevice {
+    pub uuid: String,
+    pub device_id: u32,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisioningCode {
+    pub code: String,
+    /// Milliseconds since the epoch.
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceInfo {
+    pub device_id: u32,
+    pub registration_id: i32,
+    pub created_at: i64,
+    pub last_seen_at: i64,
+}
+
+// ---- keys ----
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyUpload {
+    pub identity_key: String,
+    #[serde(default)]
+    pub signed_pre_key: Option<SignedPreKey>,
+    #[serde(default)]
+    pub pre_keys: Option<Vec<PreKey>>,
+    #[serde(default)]
+    pub pq_last_resort_pre_key: Option<SignedPreKey>,
+    #[serde(default)]
+    pub pq_pre_keys: Option<Vec<SignedPreKey>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignedPreKey {
+    pub key_id: u32,
+    pub public_key: String,
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreKey {
+    pub key_id: u32,
+    pub public_key: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyCount {
+    pub count: i64,
+    pub pq_count: i64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleResponse {
+    pub identity_key: String,
+    pub devices: Vec<BundleDevice>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleDevice {
+    pub device_id: u32,
+    pub registration_id: i32,
+    pub signed_pre_key: SignedPreKey,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pre_key: Option<PreKey>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pq_pre_key: Option<SignedPreKey>,
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+// ---- messages ----
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendRequest {
+    pub timestamp: i64,
+    #[serde(default)]
+    pub online: Option<bool>,
+    pub messages: Vec<OutgoingMessage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutgoingMessage {
+    pub destination_device_id: u32,
+    pub destination_registration_id: i64,
+    #[serde(rename = "type")]
+    pub msg_type: i64,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryStatus {
+    /// Acknowledged by the device over its live connection.
+    Delivered,
+    /// Committed to the device's mailbox.
+    Queued,
+    /// Ephemeral, and the device was not connected.
+    Dropped,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendResult {
+    pub device_id: u32,
+    pub guid: String,
+    pub status: DeliveryStatus,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SendResponse {
+    pub results: Vec<SendResult>,
+}
+
+/// An envelope as a device receives it, over WebSocket or `GET /v1/messages`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvelopeJson {
+    pub guid: String,
+    pub source: String,
+    pub source_device: u32,
+    #[serde(rename = "type")]
+    pub msg_type: i32,
+    pub timestamp: i64,
+    pub server_timestamp: i64,
+    pub content: String,
+}
+
+impl From<&Envelope> for EnvelopeJson {
+    fn from(e: &Envelope) -> Self {
+        EnvelopeJson {
+            guid: e.guid.hyphenated().to_string(),
+            source: e.source.account.to_string(),
+            source_device: e.source.device.0,
+            msg_type: e.msg_type,
+            timestamp: e.timestamp,
+            server_timestamp: e.server_timestamp,
+            content: b64(&e.content),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct MessageList {
+    pub messages: Vec<EnvelopeJson>,
+    pub more: bool,
+}
+
+// ---- WebSocket frames ----
+
+/// What every client frame is first read as: enough to route it and to echo
+/// its `id` in an error response. Other fields are ignored here.
+#[derive(Debug, Deserialize)]
+pub struct FrameHead {
+    #[serde(default)]
+    pub op: Option<String>,
+    #[serde(default)]
+    pub id: Option<serde_json::Number>,
+}
+
+/// `{"op":"send","id":N,"destination":UUID, …the HTTP send body…}`.
+#[derive(Debug, Deserialize)]
+pub struct SendFrame {
+    pub destination: String,
+    #[serde(flatten)]
+    pub body: SendRequest,
+}
+
+/// `{"op":"ack","guid":G}`.
+#[derive(Debug, Deserialize)]
+pub struct AckFrame {
+    pub guid: String,
+}
+
+/// Frames the server sends.
+#[derive(Debug, Serialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum ServerFrame<'a> {
+    Message {
+        envelope: EnvelopeJson,
+    },
+    QueueEmpty,
+    Response {
+        id: &'a serde_json::Number,
+        status: u16,
+        body: Value,
+    },
+    Error {
+        message: &'a str,
+    },
+}
+
+impl ServerFrame<'_> {
+    pub fn to_text(&self) -> String {
+        // Serialising these types cannot fail: no maps with non-string keys.
+        serde_json::to_string(self).unwrap_or_else(|_| "{\"op\":\"error\"}".into())
+    }
+}
