@@ -52,6 +52,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let config = Arc::new(config);
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| config.bind.clone());
     let backend = store::Backend::from_url(&config.database_url)?;
     let migrate_config = config.clone();
     let (pool, ran) = web::block(move || migrate(&migrate_config))
@@ -105,9 +109,8 @@ pub async fn run(
     }
     let server = server.run();
     let handle = server.handle();
-    let addrs = config.bind.clone();
     let mut serving = actix_web::rt::spawn(server);
-    systemd::ready(&format!("serving on {addrs}"));
+    systemd::ready(&format!("serving on {local}"));
     log::info!("courier ready");
 
     if let Some(interval) = systemd::watchdog_interval() {

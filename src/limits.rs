@@ -21,22 +21,36 @@ use crate::metrics::Metrics;
 struct Keyed<K: Eq + Hash + Clone> {
     name: &'static str,
     inner: Mutex<KeyedRateLimiter<K, GCRA>>,
+    /// The limiter's burst tolerance, to turn its "not until" (the
+    /// theoretical arrival time) into the moment a request would conform.
+    tolerance: Duration,
 }
 
 impl<K: Eq + Hash + Clone> Keyed<K> {
+    /// `ratelimit_meter`'s GCRA with capacity `c` per `p` admits a burst of
+    /// `c + 1` (its tolerance is the whole period). To make `"N/p"` mean a
+    /// burst of exactly N at a sustained N per p, it is built as capacity
+    /// N−1 per p·(N−1)/N: the same emission interval p/N, one cell less of
+    /// tolerance. A limit of 1 cannot be expressed that way and admits 2.
     fn new(name: &'static str, rate: Rate) -> Self {
-        let count = NonZeroU32::new(rate.count).unwrap_or(NonZeroU32::MIN);
+        let (capacity, period) = match NonZeroU32::new(rate.count.saturating_sub(1)) {
+            Some(c) => (c, rate.per / rate.count * c.get()),
+            None => (NonZeroU32::MIN, rate.per),
+        };
         Keyed {
             name,
-            inner: Mutex::new(KeyedRateLimiter::new(count, rate.per)),
+            inner: Mutex::new(KeyedRateLimiter::new(capacity, period)),
+            tolerance: period,
         }
     }
 
     fn check(&self, key: K) -> Result<(), Duration> {
         let mut limiter = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        limiter
-            .check(key)
-            .map_err(|not_until| not_until.wait_time_from(Instant::now()))
+        limiter.check(key).map_err(|not_until| {
+            not_until
+                .wait_time_from(Instant::now())
+                .saturating_sub(self.tolerance)
+        })
     }
 
     fn evict_idle(&self, idle: Duration) -> usize {
@@ -84,7 +98,8 @@ impl Limiters {
                 .with_label_values(&[limiter.name])
                 .inc();
             ApiError::RateLimited {
-                retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+                // Whole seconds, rounded up, and never 0 (clients would spin).
+                retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),
             }
         })
     }
@@ -129,5 +144,28 @@ impl Limiters {
             + self.bundle_account.evict_idle(idle)
             + self.bundle_pair.evict_idle(idle)
             + self.provisioning.evict_idle(idle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_of_n_admits_a_burst_of_exactly_n() {
+        for n in [2u32, 3, 10, 100] {
+            let k = Keyed::new("t", Rate::new(n, Duration::from_secs(3600)));
+            for i in 0..n {
+                assert!(k.check(1u8).is_ok(), "request {i} of {n} refused");
+            }
+            let wait = k.check(1u8).expect_err("burst exceeded");
+            // The next cell conforms one emission interval (3600/n s) later.
+            let interval = Duration::from_secs(3600) / n;
+            assert!(
+                wait <= interval && wait + Duration::from_secs(1) >= interval,
+                "{wait:?}"
+            );
+            assert!(k.check(2u8).is_ok(), "other keys are independent");
+        }
     }
 }

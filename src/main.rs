@@ -72,7 +72,10 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    log::info!("listening on {}", config.bind);
+    match listener.local_addr() {
+        Ok(addr) => log::info!("listening on {addr}"),
+        Err(_) => log::info!("listening on {}", config.bind),
+    }
     let result =
         actix_web::rt::System::new().block_on(courier::run(config, listener, shutdown_signal()));
     match result {

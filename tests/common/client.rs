@@ -80,18 +80,23 @@ pub async fn call(
 impl TestDevice {
     /// `POST /v1/accounts`, asserting 201.
     pub async fn register(server: &TestServer) -> TestDevice {
+        Self::register_at(&server.url("")).await
+    }
+
+    /// `POST /v1/accounts` on the server at `base` (`http://host:port`).
+    pub async fn register_at(base: &str) -> TestDevice {
         let password = format!("pw-{}-{}", uuid_like(), "0123456789");
         let registration_id = next_registration_id();
         let (status, body) = call(
             Method::POST,
-            &server.url("/v1/accounts"),
+            &format!("{base}/v1/accounts"),
             None,
             Some(&json!({"password": password, "registrationId": registration_id})),
         )
         .await;
         assert_eq!(status, StatusCode::CREATED, "register: {body}");
         TestDevice {
-            base: server.url(""),
+            base: base.to_owned(),
             uuid: body["uuid"].as_str().expect("uuid").to_owned(),
             device_id: body["deviceId"].as_u64().expect("deviceId") as u32,
             password,

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod process;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
