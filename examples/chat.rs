@@ -138,7 +138,7 @@ async fn chat(
                     })).collect::<Vec<_>>(),
                 });
                 next_id += 1;
-                tx.send(Message::Text(frame.to_string().into())).await?;
+                tx.send(Message::Text(frame.to_string())).await?;
             }
             frame = rx.next() => {
                 let Some(frame) = frame else { break };
@@ -149,7 +149,7 @@ async fn chat(
                         let e = &v["envelope"];
                         let body = STANDARD.decode(e["content"].as_str().unwrap_or("")).unwrap_or_default();
                         println!("{}.{}: {}", e["source"].as_str().unwrap_or("?"), e["sourceDevice"], String::from_utf8_lossy(&body));
-                        tx.send(Message::Text(json!({"op": "ack", "guid": e["guid"]}).to_string().into())).await?;
+                        tx.send(Message::Text(json!({"op": "ack", "guid": e["guid"]}).to_string())).await?;
                     }
                     Some("queue-empty") => println!("(up to date)"),
                     Some("response") if v["status"] != 200 => println!("send failed: {}", v["body"]),

@@ -476,9 +476,11 @@ mod tests {
 
     #[test]
     fn masked_output_hides_secrets() {
-        let mut c = Config::default();
-        c.registration_token = Some("hunter2-token".into());
-        c.database_url = "postgres://courier:s3cret@db/courier".into();
+        let c = Config {
+            registration_token: Some("hunter2-token".into()),
+            database_url: "postgres://courier:s3cret@db/courier".into(),
+            ..Config::default()
+        };
         let shown = c.to_masked_toml();
         assert!(!shown.contains("hunter2"));
         assert!(!shown.contains("s3cret"));

@@ -394,7 +394,7 @@ impl DeviceSession {
             }
             // A mailbox copy, or a live copy already spilled on timeout.
             _ => {
-                let _ = self.state.writer.delete(self.address, guid);
+                drop(self.state.writer.delete(self.address, guid));
             }
         }
     }

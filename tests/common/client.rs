@@ -232,14 +232,14 @@ pub enum Frame {
 impl Ws {
     pub async fn send_json(&mut self, v: &Value) {
         self.stream
-            .send(Message::Text(v.to_string().into()))
+            .send(Message::Text(v.to_string()))
             .await
             .expect("ws send");
     }
 
     pub async fn send_text(&mut self, t: &str) {
         self.stream
-            .send(Message::Text(t.to_owned().into()))
+            .send(Message::Text(t.to_owned()))
             .await
             .expect("ws send");
     }
