@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, SyncArbiter};
+use actix::Actor;
 use actix_web::middleware::{from_fn, Logger};
 use actix_web::{web, App, HttpServer};
 
@@ -72,9 +72,7 @@ pub async fn run(
     let metrics = Metrics::new();
     let (writer, _writer_thread) = MailboxWriter::start(pool.clone(), metrics.clone());
     let router = Router::new(writer.clone(), metrics.clone()).start();
-    let keys_pool = pool.clone();
-    let max_keys = config.max_one_time_keys;
-    let keys = SyncArbiter::start(1, move || KeysActor::new(keys_pool.clone(), max_keys));
+    let keys = KeysActor::start(pool.clone(), config.max_one_time_keys);
     let state = web::Data::new(AppState {
         config: config.clone(),
         pool,

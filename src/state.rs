@@ -18,7 +18,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub pool: Pool,
     pub router: Addr<Router>,
-    pub keys: Addr<KeysActor>,
+    pub keys: KeysActor,
     pub writer: MailboxWriter,
     pub limits: Limiters,
     pub metrics: Metrics,

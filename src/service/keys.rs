@@ -6,7 +6,6 @@ use std::collections::BTreeSet;
 
 use curve25519_dalek::montgomery::MontgomeryPoint;
 
-use crate::actors::keys::{CountKeys, StoreKeys, TakeBundle};
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::domain::keys::{self as k, KeyError};
 use crate::error::ApiError;
@@ -110,14 +109,7 @@ fn usable_identity(key: &[u8; k::EC_KEY_LEN]) -> bool {
 /// `PUT /v1/keys`: all of it stored, or (on any error) nothing.
 pub async fn upload(state: &State, device: Address, upload: KeyUpload) -> Result<(), ApiError> {
     let keys = actix_web::web::block(move || check_upload(upload)).await??;
-    match state
-        .keys
-        .send(StoreKeys {
-            address: device,
-            keys,
-        })
-        .await??
-    {
+    match state.keys.store(device, keys).await? {
         Ok(()) => Ok(()),
         Err(UploadRefusal::IdentityMismatch) => Err(ApiError::IdentityKeyMismatch),
         Err(UploadRefusal::TooManyKeys) => Err(ApiError::TooLarge(format!(
@@ -129,7 +121,7 @@ pub async fn upload(state: &State, device: Address, upload: KeyUpload) -> Result
 
 /// `GET /v1/keys/count`.
 pub async fn count(state: &State, device: Address) -> Result<KeyCount, ApiError> {
-    let (count, pq_count) = state.keys.send(CountKeys(device)).await??;
+    let (count, pq_count) = state.keys.count(device).await?;
     Ok(KeyCount { count, pq_count })
 }
 
@@ -154,8 +146,8 @@ pub async fn bundle(
     state.limits.bundle_fetch(requester.account, account)?;
     let bundle = state
         .keys
-        .send(TakeBundle { account, device })
-        .await??
+        .take(account, device)
+        .await?
         .ok_or(ApiError::NotFound("no keys for that account or device"))?;
     state.metrics.bundle_fetches.inc();
     let issued = |kind: &str, n: usize| {

@@ -55,6 +55,8 @@ pub enum StoreError {
     Pool(#[from] r2d2::Error),
     #[error("migrations: {0}")]
     Migration(String),
+    #[error("{0} has stopped")]
+    Stopped(&'static str),
 }
 
 /// Which database a URL names.
@@ -179,6 +181,41 @@ where
         f(&mut conn)
     })
     .await?
+}
+
+/// Runs `f` inside one write transaction and commits it. Store functions
+/// called by `f` open their own transactions, which nest as savepoints, so
+/// one refused operation rolls back alone while the batch commits together:
+/// this is how the keys actor and the mailbox writer group-commit (one
+/// fsync per batch, not per operation).
+///
+/// On SQLite the transaction is `BEGIN IMMEDIATE`: it takes the write lock
+/// up front (waiting up to the busy timeout), because a deferred
+/// transaction that reads and then writes fails at once with
+/// `SQLITE_BUSY_SNAPSHOT` if another connection committed in between.
+pub fn write_batch<T>(
+    conn: &mut Conn,
+    f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    match conn {
+        Conn::Pg(c) => AnsiTransactionManager::begin_transaction(c)?,
+        Conn::Sqlite(c) => AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?,
+    }
+    let result = f(conn);
+    let end = match &result {
+        Ok(_) => with_conn!(conn, c => AnsiTransactionManager::commit_transaction(c)),
+        Err(_) => with_conn!(conn, c => AnsiTransactionManager::rollback_transaction(c)),
+    };
+    match (result, end) {
+        (Ok(v), Ok(())) => Ok(v),
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => {
+            // A failed COMMIT leaves the transaction open on some backends.
+            let _ = with_conn!(conn, c => AnsiTransactionManager::rollback_transaction(c));
+            Err(e.into())
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch: every stored time uses this unit.
