@@ -190,6 +190,29 @@ async fn mailbox_cap_answers_507(backend: Backend) {
     assert_eq!(body["error"], "mailbox_full");
     let (_, listed) = bob.request(Method::GET, "/v1/messages", None).await;
     assert_eq!(listed["messages"].as_array().unwrap().len(), 2);
+    let metrics = http()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(metric(&metrics, "courier_mailbox_depth"), Some(2.0));
+    // An acknowledgement makes room again: the cap follows the mailbox.
+    let guid = listed["messages"][0]["guid"].as_str().unwrap();
+    let (status, _) = bob
+        .request(Method::DELETE, &format!("/v1/messages/{guid}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        alice.send(&bob.uuid, &[bob.target()], b"x").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        alice.send(&bob.uuid, &[bob.target()], b"x").await.0,
+        StatusCode::INSUFFICIENT_STORAGE
+    );
 }
 
 /// `/metrics` is Prometheus text and its counters follow traffic; routes are

@@ -2,7 +2,7 @@
 
 use diesel::prelude::*;
 
-use super::schema::{accounts, devices, mailbox, provisioning_codes};
+use super::schema::{accounts, devices, mailbox, mailbox_counts, provisioning_codes};
 use super::{with_conn, Conn, StoreError};
 use crate::domain::address::{AccountId, Address, DeviceId, PRIMARY_DEVICE};
 
@@ -131,6 +131,10 @@ pub fn delete_device(conn: &mut Conn, addr: Address) -> Result<bool, StoreError>
             .filter(mailbox::account.eq(&account))
             .filter(mailbox::device_id.eq(device))
             .execute(c)?;
+        diesel::delete(mailbox_counts::table)
+            .filter(mailbox_counts::account.eq(&account))
+            .filter(mailbox_counts::device_id.eq(device))
+            .execute(c)?;
         let n = diesel::delete(devices::table)
             .filter(devices::account.eq(&account))
             .filter(devices::device_id.eq(device))
@@ -145,6 +149,9 @@ pub fn delete_account(conn: &mut Conn, account: AccountId) -> Result<bool, Store
     with_conn!(conn, c => c.transaction::<_, StoreError, _>(|c| {
         diesel::delete(mailbox::table)
             .filter(mailbox::account.eq(&id))
+            .execute(c)?;
+        diesel::delete(mailbox_counts::table)
+            .filter(mailbox_counts::account.eq(&id))
             .execute(c)?;
         let n = diesel::delete(accounts::table)
             .filter(accounts::uuid.eq(&id))

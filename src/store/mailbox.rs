@@ -8,7 +8,11 @@
 use diesel::prelude::*;
 use uuid::Uuid;
 
-use super::schema::mailbox;
+use std::collections::HashMap;
+
+use diesel::upsert::excluded;
+
+use super::schema::{mailbox, mailbox_counts};
 use super::{with_conn, Conn, StoreError};
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::domain::envelope::Envelope;
@@ -30,6 +34,30 @@ pub enum Write<'a> {
 const INSERT_CHUNK: usize = 500;
 
 type Row = (String, i64, String, String, i64, i32, i64, i64, Vec<u8>);
+
+/// Adds `delta` to a device's row in `mailbox_counts` (creating it).
+macro_rules! adjust_count {
+    ($c:expr, $account:expr, $device:expr, $delta:expr) => {{
+        let delta: i64 = $delta;
+        if delta == 0 {
+            Ok(0)
+        } else {
+            diesel::insert_into(mailbox_counts::table)
+                .values((
+                    mailbox_counts::account.eq($account),
+                    mailbox_counts::device_id.eq($device),
+                    mailbox_counts::messages.eq(delta),
+                ))
+                .on_conflict((mailbox_counts::account, mailbox_counts::device_id))
+                .do_update()
+                .set(
+                    mailbox_counts::messages
+                        .eq(mailbox_counts::messages + excluded(mailbox_counts::messages)),
+                )
+                .execute($c)
+        }
+    }};
+}
 
 /// One multi-row INSERT of `Row`s for either concrete backend.
 macro_rules! insert_rows {
@@ -63,10 +91,12 @@ pub fn apply(conn: &mut Conn, writes: &[Write<'_>]) -> Result<Vec<bool>, StoreEr
     with_conn!(conn, c => c.transaction::<_, StoreError, _>(|c| {
         let mut results = Vec::with_capacity(writes.len());
         let mut pending: Vec<Row> = Vec::new();
+        let mut deltas: HashMap<(String, i64), i64> = HashMap::new();
         for w in writes {
             match w {
                 Write::Insert { dest, envelope } => {
                     pending.push(row(*dest, envelope));
+                    *deltas.entry((dest.account.as_db(), dest.device.as_db())).or_default() += 1;
                     results.push(true);
                 }
                 Write::Delete { dest, guid } => {
@@ -79,12 +109,18 @@ pub fn apply(conn: &mut Conn, writes: &[Write<'_>]) -> Result<Vec<bool>, StoreEr
                         .filter(mailbox::device_id.eq(dest.device.as_db()))
                         .filter(mailbox::guid.eq(guid.hyphenated().to_string()))
                         .execute(c)?;
+                    if n > 0 {
+                        *deltas.entry((dest.account.as_db(), dest.device.as_db())).or_default() -= 1;
+                    }
                     results.push(n > 0);
                 }
             }
         }
         for chunk in pending.chunks(INSERT_CHUNK) {
             insert_rows!(c, chunk)?;
+        }
+        for ((account, device), delta) in deltas {
+            adjust_count!(c, &account, device, delta)?;
         }
         Ok(results)
     }))
@@ -144,16 +180,16 @@ fn envelope(r: Row) -> Option<Envelope> {
     parsed
 }
 
-/// Copies waiting per device of `account`, for the mailbox cap.
+/// Copies waiting per device of `account`, for the mailbox cap: one row
+/// per device from `mailbox_counts`, never a count over the mailbox.
 pub fn count_for_devices(
     conn: &mut Conn,
     account: AccountId,
 ) -> Result<Vec<(DeviceId, i64)>, StoreError> {
     let id = account.as_db();
-    let rows: Vec<(i64, i64)> = with_conn!(conn, c => mailbox::table
-        .filter(mailbox::account.eq(&id))
-        .group_by(mailbox::device_id)
-        .select((mailbox::device_id, diesel::dsl::count_star()))
+    let rows: Vec<(i64, i64)> = with_conn!(conn, c => mailbox_counts::table
+        .filter(mailbox_counts::account.eq(&id))
+        .select((mailbox_counts::device_id, mailbox_counts::messages))
         .load(c))?;
     Ok(rows
         .into_iter()
@@ -161,30 +197,49 @@ pub fn count_for_devices(
         .collect())
 }
 
-/// Deletes copies accepted before `before_ms`, at most `limit` per call, so
-/// a sweep never holds the write lock for long. Returns how many.
+/// Deletes copies accepted before `before_ms`, at most `limit` per call
+/// and in one transaction with the counts, so a sweep never holds the
+/// write lock for long. Returns how many.
 pub fn delete_expired(conn: &mut Conn, before_ms: i64, limit: i64) -> Result<usize, StoreError> {
-    let n = with_conn!(conn, c => {
+    let n = with_conn!(conn, c => c.transaction::<_, StoreError, _>(|c| {
         let victims: Vec<(String, i64, String)> = mailbox::table
             .filter(mailbox::server_timestamp.lt(before_ms))
             .select((mailbox::account, mailbox::device_id, mailbox::guid))
             .limit(limit)
             .load(c)?;
+        let mut deltas: HashMap<(String, i64), i64> = HashMap::new();
         let mut n = 0;
         for (account, device, guid) in victims {
-            n += diesel::delete(mailbox::table)
-                .filter(mailbox::account.eq(account))
+            let deleted = diesel::delete(mailbox::table)
+                .filter(mailbox::account.eq(&account))
                 .filter(mailbox::device_id.eq(device))
                 .filter(mailbox::guid.eq(guid))
                 .execute(c)?;
+            if deleted > 0 {
+                *deltas.entry((account, device)).or_default() -= deleted as i64;
+                n += deleted;
+            }
         }
-        Ok::<usize, diesel::result::Error>(n)
-    })?;
+        for ((account, device), delta) in deltas {
+            adjust_count!(c, &account, device, delta)?;
+        }
+        Ok(n)
+    }))?;
     Ok(n)
 }
 
-/// Total copies waiting, for the mailbox-depth gauge.
+/// Total copies waiting, for the mailbox-depth gauge (a sum over devices,
+/// not a scan of the mailbox).
 pub fn total(conn: &mut Conn) -> Result<i64, StoreError> {
-    let n = with_conn!(conn, c => mailbox::table.count().get_result(c))?;
-    Ok(n)
+    #[derive(QueryableByName)]
+    struct Total {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    // CAST: PostgreSQL's SUM(BIGINT) is NUMERIC.
+    let total: Total = with_conn!(conn, c => diesel::sql_query(
+        "SELECT CAST(COALESCE(SUM(messages), 0) AS BIGINT) AS n FROM mailbox_counts"
+    )
+    .get_result(c))?;
+    Ok(total.n)
 }

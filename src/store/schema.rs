@@ -83,6 +83,14 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    mailbox_counts (account, device_id) {
+        account -> Text,
+        device_id -> BigInt,
+        messages -> BigInt,
+    }
+}
+
 diesel::joinable!(devices -> accounts (account));
 diesel::joinable!(provisioning_codes -> accounts (account));
 
@@ -95,4 +103,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     pq_one_time_pre_keys,
     provisioning_codes,
     mailbox,
+    mailbox_counts,
 );
