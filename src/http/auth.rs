@@ -127,3 +127,51 @@ impl FromRequest for Authenticated {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    fn req(peer: &str, xff: Option<&str>) -> HttpRequest {
+        let mut r = TestRequest::default().peer_addr(peer.parse().unwrap());
+        if let Some(v) = xff {
+            r = r.insert_header(("X-Forwarded-For", v));
+        }
+        r.to_http_request()
+    }
+
+    #[test]
+    fn forwarded_for_is_ignored_unless_the_peer_is_trusted() {
+        let r = req("203.0.113.9:1000", Some("198.51.100.1"));
+        assert_eq!(client_ip(&r, &[]).to_string(), "203.0.113.9");
+    }
+
+    #[test]
+    fn the_hop_before_the_trusted_proxies_is_the_client() {
+        let proxies: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
+        // A client cannot spoof by prepending: only the rightmost untrusted hop counts.
+        let r = req("10.0.0.1:1000", Some("1.2.3.4, 198.51.100.7, 10.0.0.2"));
+        assert_eq!(client_ip(&r, &proxies).to_string(), "198.51.100.7");
+        let r = req("10.0.0.1:1000", None);
+        assert_eq!(client_ip(&r, &proxies).to_string(), "10.0.0.1");
+        let r = req("10.0.0.1:1000", Some("garbage"));
+        assert_eq!(client_ip(&r, &proxies).to_string(), "10.0.0.1");
+    }
+
+    #[test]
+    fn query_credentials_only_on_websocket_upgrades() {
+        let plain = TestRequest::default()
+            .uri("/v1/devices?login=a&password=b")
+            .to_http_request();
+        assert!(credentials(&plain).is_none());
+        let upgrade = TestRequest::default()
+            .uri("/v1/websocket?login=a.2&password=p%40ss")
+            .insert_header(("Upgrade", "websocket"))
+            .to_http_request();
+        assert_eq!(
+            credentials(&upgrade),
+            Some(("a.2".to_owned(), "p@ss".to_owned()))
+        );
+    }
+}
