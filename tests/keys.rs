@@ -812,7 +812,29 @@ async fn key_endpoints_require_authentication(backend: Backend) {
     assert_eq!(count(&owner).await, (1, 0));
 }
 
+/// A device's first upload must carry its signed prekey; once it has one,
+/// later uploads may carry only one-time keys.
+async fn first_upload_needs_a_signed_prekey(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = TestDevice::register(&server).await;
+    let bare = json!({"identityKey": valid(0)["identityKey"], "preKeys": pre_keys(1..=3)});
+    let (status, body) = alice.request(Method::PUT, "/v1/keys", Some(&bare)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "bad_request");
+    let (_, counted) = alice.request(Method::GET, "/v1/keys/count", None).await;
+    assert_eq!(
+        counted["count"], 0,
+        "nothing from the refused upload is stored"
+    );
+    assert_eq!(alice.upload_vector(0).await, StatusCode::NO_CONTENT);
+    let (status, _) = alice.request(Method::PUT, "/v1/keys", Some(&bare)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, counted) = alice.request(Method::GET, "/v1/keys/count", None).await;
+    assert_eq!(counted["count"], 4);
+}
+
 backends!(
+    first_upload_needs_a_signed_prekey,
     every_valid_vector_is_accepted_and_served_back,
     every_invalid_vector_is_refused_and_nothing_is_stored,
     a_bad_key_anywhere_in_an_upload_stores_nothing,

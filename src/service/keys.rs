@@ -112,6 +112,9 @@ pub async fn upload(state: &State, device: Address, upload: KeyUpload) -> Result
     match state.keys.store(device, keys).await? {
         Ok(()) => Ok(()),
         Err(UploadRefusal::IdentityMismatch) => Err(ApiError::IdentityKeyMismatch),
+        Err(UploadRefusal::MissingSignedPreKey) => Err(ApiError::bad_request(
+            "signedPreKey is required on a device's first upload",
+        )),
         Err(UploadRefusal::TooManyKeys) => Err(ApiError::TooLarge(format!(
             "a device may store at most {} one-time keys of each kind",
             state.config.max_one_time_keys

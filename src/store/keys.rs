@@ -51,6 +51,9 @@ pub enum UploadRefusal {
     IdentityMismatch,
     /// More one-time keys than the per-device bound would be stored.
     TooManyKeys,
+    /// A device's first upload must carry its signed prekey (SPEC: only
+    /// later uploads may leave fields out), or its bundle could never be built.
+    MissingSignedPreKey,
 }
 
 /// One device's part of a prekey bundle.
@@ -114,6 +117,16 @@ pub fn store_keys(
                     .execute(c)?;
             }
             Some(None) => return Err(TxError::Refused(UploadRefusal::IdentityMismatch)),
+        }
+        if keys.signed_pre_key.is_none() {
+            let has_one: i64 = signed_pre_keys::table
+                .filter(signed_pre_keys::account.eq(&account))
+                .filter(signed_pre_keys::device_id.eq(device))
+                .count()
+                .get_result(c)?;
+            if has_one == 0 {
+                return Err(TxError::Refused(UploadRefusal::MissingSignedPreKey));
+            }
         }
         if let Some(k) = &keys.signed_pre_key {
             diesel::insert_into(signed_pre_keys::table)
