@@ -218,6 +218,59 @@ pub struct AckFrame {
     pub guid: String,
 }
 
+/// A client frame, classified. Parsing never fails: anything unusable is
+/// `Unusable` with the reason the `error` frame gives.
+#[derive(Debug)]
+pub enum ClientFrame {
+    Send {
+        id: serde_json::Number,
+        destination: String,
+        body: SendRequest,
+    },
+    /// A `send` with a usable id but a body that does not parse: answered
+    /// with a `400` response carrying that id.
+    InvalidSend {
+        id: serde_json::Number,
+        reason: String,
+    },
+    Ack {
+        guid: uuid::Uuid,
+    },
+    Unusable(&'static str),
+}
+
+/// Reads one client text frame (the WebSocket session's only parser).
+pub fn parse_client_frame(text: &str) -> ClientFrame {
+    let Ok(head) = serde_json::from_str::<FrameHead>(text) else {
+        return ClientFrame::Unusable("frame is not a JSON object with a string op");
+    };
+    match head.op.as_deref() {
+        Some("send") => match head.id {
+            Some(id) if id.is_i64() || id.is_u64() => match serde_json::from_str::<SendFrame>(text)
+            {
+                Ok(f) => ClientFrame::Send {
+                    id,
+                    destination: f.destination,
+                    body: f.body,
+                },
+                Err(e) => ClientFrame::InvalidSend {
+                    id,
+                    reason: format!("invalid send: {e}"),
+                },
+            },
+            _ => ClientFrame::Unusable("send frame needs an integer id"),
+        },
+        Some("ack") => match serde_json::from_str::<AckFrame>(text)
+            .ok()
+            .and_then(|a| uuid::Uuid::parse_str(&a.guid).ok())
+        {
+            Some(guid) => ClientFrame::Ack { guid },
+            None => ClientFrame::Unusable("ack frame needs a guid"),
+        },
+        _ => ClientFrame::Unusable("unknown or missing op"),
+    }
+}
+
 /// Frames the server sends.
 #[derive(Debug, Serialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -240,5 +293,52 @@ impl ServerFrame<'_> {
     pub fn to_text(&self) -> String {
         // Serialising these types cannot fail: no maps with non-string keys.
         serde_json::to_string(self).unwrap_or_else(|_| "{\"op\":\"error\"}".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_frames() {
+        let send = r#"{"op":"send","id":7,"destination":"x","timestamp":1,"messages":[]}"#;
+        assert!(matches!(parse_client_frame(send), ClientFrame::Send { .. }));
+        let bad_body = r#"{"op":"send","id":7,"destination":"x"}"#;
+        assert!(matches!(
+            parse_client_frame(bad_body),
+            ClientFrame::InvalidSend { .. }
+        ));
+        let ack = r#"{"op":"ack","guid":"01a20be5-4993-7263-9937-da3d464f9b8c"}"#;
+        assert!(matches!(parse_client_frame(ack), ClientFrame::Ack { .. }));
+        for unusable in [
+            "",
+            "not json",
+            "[]",
+            "7",
+            r#"{"op":5}"#,
+            r#"{"op":"send","id":"7"}"#,
+            r#"{"op":"send","id":1.5}"#,
+            r#"{"op":"send"}"#,
+            r#"{"op":"ack","guid":"nope"}"#,
+            r#"{"op":"dance"}"#,
+            r#"{}"#,
+        ] {
+            assert!(
+                matches!(parse_client_frame(unusable), ClientFrame::Unusable(_)),
+                "{unusable:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ids_are_echoed_as_given() {
+        let big = r#"{"op":"send","id":18446744073709551615,"destination":"x"}"#;
+        match parse_client_frame(big) {
+            ClientFrame::InvalidSend { id, .. } => {
+                assert_eq!(id.to_string(), "18446744073709551615")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

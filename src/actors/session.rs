@@ -38,7 +38,7 @@ use crate::error::ApiError;
 use crate::service::messaging;
 use crate::state::State;
 use crate::store;
-use crate::wire::{self, AckFrame, DeliveryStatus, FrameHead, SendFrame, ServerFrame};
+use crate::wire::{self, ClientFrame, DeliveryStatus, ServerFrame};
 
 /// How often the server pings.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
@@ -353,23 +353,18 @@ impl DeviceSession {
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
-        let head: FrameHead = match serde_json::from_str(text) {
-            Ok(head) => head,
-            Err(_) => return self.bad_frame("frame is not a JSON object with a string op", ctx),
-        };
-        match head.op.as_deref() {
-            Some("send") => match head.id {
-                Some(id) if id.is_i64() || id.is_u64() => self.on_send(id, text, ctx),
-                _ => self.bad_frame("send frame needs an integer id", ctx),
-            },
-            Some("ack") => match serde_json::from_str::<AckFrame>(text)
-                .ok()
-                .and_then(|a| Uuid::parse_str(&a.guid).ok())
-            {
-                Some(guid) => self.on_ack(guid),
-                None => self.bad_frame("ack frame needs a guid", ctx),
-            },
-            _ => self.bad_frame("unknown or missing op", ctx),
+        match wire::parse_client_frame(text) {
+            ClientFrame::Send {
+                id,
+                destination,
+                body,
+            } => self.on_send(id, destination, body, ctx),
+            ClientFrame::InvalidSend { id, reason } => {
+                self.bad_frames = 0;
+                ctx.text(response_frame(&id, Err(ApiError::BadRequest(reason))));
+            }
+            ClientFrame::Ack { guid } => self.on_ack(guid),
+            ClientFrame::Unusable(why) => self.bad_frame(why, ctx),
         }
     }
 
@@ -402,19 +397,11 @@ impl DeviceSession {
     fn on_send(
         &mut self,
         id: serde_json::Number,
-        text: &str,
+        destination: String,
+        body: wire::SendRequest,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         self.bad_frames = 0;
-        let frame: Result<SendFrame, _> = serde_json::from_str(text);
-        let (destination, body) = match frame {
-            Ok(f) => (f.destination, f.body),
-            Err(e) => {
-                let err = ApiError::bad_request(format!("invalid send: {e}"));
-                ctx.text(response_frame(&id, Err(err)));
-                return;
-            }
-        };
         self.gate.acquire();
         let state = self.state.clone();
         let sender = self.address;

@@ -111,6 +111,12 @@ fn validate(body: SendRequest) -> Result<(bool, i64, Vec<Copy>), ApiError> {
     Ok((body.online.unwrap_or(false), body.timestamp, copies))
 }
 
+/// The body checks alone (for fuzzing and tests): the number of copies, or
+/// the error a send with this body gets before any lookup.
+pub fn validate_body(body: SendRequest) -> Result<usize, ApiError> {
+    validate(body).map(|(_, _, copies)| copies.len())
+}
+
 /// Everything before routing: validation, rate limit, device-set check and
 /// mailbox cap. Nothing is delivered from a send refused here.
 pub async fn prepare(
