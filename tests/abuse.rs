@@ -1,0 +1,180 @@
+//! Abuse: what one hostile account can do to others is bounded by the rate
+//! limits and the size limits, and everyone else keeps being served.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+fn one_time_keys(ids: std::ops::RangeInclusive<u32>) -> Value {
+    Value::Array(
+        ids.map(|id| {
+            let mut key = [0x42u8; 33];
+            key[0] = 0x05;
+            key[1..5].copy_from_slice(&id.to_le_bytes());
+            json!({"keyId": id, "publicKey": b64(&key)})
+        })
+        .collect(),
+    )
+}
+
+/// An attacker fetching a victim's bundle in a loop takes at most the
+/// per-pair allowance of one-time keys; the rest stay for real senders.
+async fn one_account_cannot_drain_another_users_one_time_keys(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| {
+        c.rate_limits = true;
+        c.limits.bundle_fetch_per_pair = "5/h".parse().unwrap();
+    })
+    .await;
+    let victim = TestDevice::register(&server).await;
+    let mut upload = vectors()["valid"][0].clone();
+    upload["preKeys"] = one_time_keys(1..=50);
+    assert_eq!(
+        victim
+            .request(Method::PUT, "/v1/keys", Some(&upload))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    let attacker = TestDevice::register(&server).await;
+    let mut served = 0;
+    let mut refused = 0;
+    for i in 0..30 {
+        let path = if i % 2 == 0 {
+            format!("/v1/keys/{}/1", victim.uuid)
+        } else {
+            format!("/v1/keys/{}/*", victim.uuid)
+        };
+        match attacker.request(Method::GET, &path, None).await {
+            (StatusCode::OK, _) => served += 1,
+            (StatusCode::TOO_MANY_REQUESTS, body) => {
+                assert_eq!(body["error"], "rate_limited");
+                refused += 1
+            }
+            (s, b) => panic!("unexpected {s}: {b}"),
+        }
+    }
+    assert_eq!((served, refused), (5, 25));
+    let (_, count) = victim.request(Method::GET, "/v1/keys/count", None).await;
+    // The 50 uploaded, minus the 5 the attacker got.
+    assert_eq!(count["count"], 50 - 5);
+    // A real sender is not affected by the attacker's exhausted allowance.
+    let friend = TestDevice::register(&server).await;
+    let (status, bundle) = friend
+        .request(Method::GET, &format!("/v1/keys/{}/1", victim.uuid), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(bundle["devices"][0]["preKey"].is_object());
+}
+
+/// A flooding sender gets 429 and oversize sends get 413, while another
+/// pair keeps exchanging messages at normal latency.
+async fn floods_and_oversize_sends_do_not_starve_others(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| {
+        c.rate_limits = true;
+        c.limits.sends_per_account = "20/min".parse().unwrap();
+    })
+    .await;
+    let flooder = TestDevice::register(&server).await;
+    let target = TestDevice::register(&server).await;
+    let alice = TestDevice::register(&server).await;
+    let bob = TestDevice::register(&server).await;
+    let mut bob_ws = bob.connect().await;
+    bob_ws.drain_queue().await;
+
+    let flood = {
+        let flooder = flooder.clone();
+        let target = target.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..60 {
+                statuses.push(
+                    flooder
+                        .send(&target.uuid, &[target.target()], b"spam")
+                        .await
+                        .0,
+                );
+            }
+            let huge = vec![7u8; 256 * 1024 + 1];
+            statuses.push(
+                flooder
+                    .send(&target.uuid, &[target.target()], &huge)
+                    .await
+                    .0,
+            );
+            statuses
+        })
+    };
+    // Meanwhile alice → bob, live, acked.
+    let mut worst = Duration::ZERO;
+    for i in 0..20 {
+        let sender = alice.clone();
+        let (uuid, dest) = (bob.uuid.clone(), bob.target());
+        let started = Instant::now();
+        let answer = tokio::spawn(async move {
+            sender
+                .send(&uuid, &[dest], format!("hi {i}").as_bytes())
+                .await
+        });
+        let (pushed, _) = bob_ws.until_op("message").await;
+        bob_ws
+            .ack(pushed["envelope"]["guid"].as_str().unwrap())
+            .await;
+        let (status, body) = answer.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["results"][0]["status"], "delivered");
+        worst = worst.max(started.elapsed());
+    }
+    let statuses = flood.await.unwrap();
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let limited = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(ok, 20, "the flooder gets its allowance: {statuses:?}");
+    assert_eq!(limited, 40);
+    // The oversize copy is refused by size before anything else.
+    assert_eq!(*statuses.last().unwrap(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        worst < Duration::from_secs(2),
+        "victim pair slowed to {worst:?}"
+    );
+}
+
+/// A body over the endpoint's limit is refused with 413 and the SPEC body,
+/// before it is parsed.
+async fn oversize_bodies_are_413(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = TestDevice::register(&server).await;
+    let big = "x".repeat(9 * 1024 * 1024);
+    let res = http()
+        .put(server.url(&format!("/v1/messages/{}", alice.uuid)))
+        .basic_auth(alice.login(), Some(&alice.password))
+        .header("content-type", "application/json")
+        .body(format!(
+            "{{\"timestamp\":1,\"messages\":[],\"pad\":\"{big}\"}}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "too_large");
+    let res = http()
+        .post(server.url("/v1/accounts"))
+        .header("content-type", "application/json")
+        .body(format!("{{\"password\":\"{}\"}}", "p".repeat(100_000)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+backends!(
+    one_account_cannot_drain_another_users_one_time_keys,
+    floods_and_oversize_sends_do_not_starve_others,
+    oversize_bodies_are_413,
+);
