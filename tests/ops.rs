@@ -329,7 +329,7 @@ async fn logs_never_contain_secrets(backend: Backend) {
     let _ = ws.send(tokio_tungstenite::tungstenite::Message::Text(
         json!({"op":"send","id":1,"destination":alice.uuid,"timestamp":1,
                "messages":[{"destinationDeviceId":1,"destinationRegistrationId":alice.registration_id,
-                            "type":1,"content":b64(secret_content)}]}).to_string().into(),
+                            "type":1,"content":b64(secret_content)}]}).to_string(),
     )).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), ws.next()).await;
     drop(ws);
