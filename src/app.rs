@@ -100,6 +100,8 @@ pub async fn run(
             .default_service(web::to(http::not_found))
     })
     .disable_signals()
+    // Frames are small and latency-bound: never wait for Nagle's 40 ms.
+    .tcp_nodelay(true)
     .shutdown_timeout(HTTP_SHUTDOWN_GRACE.as_secs())
     .listen(listener)?;
     if config.workers > 0 {

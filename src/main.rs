@@ -65,7 +65,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    let listener = match TcpListener::bind(&config.bind) {
+    let listener = match listen(&config.bind) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("courier: cannot listen on {}: {e}", config.bind);
@@ -85,6 +85,22 @@ fn serve(config: Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Pending connections the kernel queues before `accept` (std's `bind`
+/// uses 128, which a reconnect storm overflows).
+const LISTEN_BACKLOG: i32 = 4096;
+
+fn listen(bind: &str) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let addr: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(bind)?
+        .next()
+        .ok_or_else(|| std::io::Error::other("bind address resolves to nothing"))?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Resolves on SIGTERM or SIGINT.

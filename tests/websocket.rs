@@ -868,7 +868,35 @@ async fn query_string_login_works_and_wrong_password_is_401(backend: Backend) {
     );
 }
 
+/// A client's close is answered with a close frame at once (RFC 6455
+/// closing handshake), not by dropping the TCP connection later.
+async fn client_close_is_answered_with_a_close_frame(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = TestDevice::register(&server).await;
+    let mut ws = alice.connect().await;
+    ws.drain_queue().await;
+    let started = std::time::Instant::now();
+    futures_util::SinkExt::send(
+        &mut ws.stream,
+        tokio_tungstenite::tungstenite::Message::Close(Some(
+            tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+                reason: "bye".into(),
+            },
+        )),
+    )
+    .await
+    .unwrap();
+    let answer = ws.next_within(std::time::Duration::from_secs(2)).await;
+    assert!(
+        matches!(answer, Some(Frame::Closed(Some(1000)))),
+        "expected the server's close frame, got {answer:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_millis(500));
+}
+
 backends!(
+    client_close_is_answered_with_a_close_frame,
     live_send_to_two_devices_is_answered_after_both_acks,
     dropped_socket_before_ack_queues_and_is_pushed_again,
     unacked_copy_is_queued_after_ack_timeout_and_pushed_only_on_next_connection,

@@ -549,7 +549,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for DeviceSession {
             ws::Message::Pong(_) => {}
             ws::Message::Binary(_) => self.bad_frame("frames are JSON text", ctx),
             ws::Message::Continuation(item) => self.on_fragment(item, ctx),
-            ws::Message::Close(_) => ctx.stop(),
+            // Answer the close handshake (RFC 6455 §5.5.1) before stopping.
+            ws::Message::Close(reason) => {
+                ctx.close(reason);
+                ctx.stop();
+            }
             ws::Message::Nop => {}
         }
     }

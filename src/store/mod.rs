@@ -113,11 +113,13 @@ impl Manager {
                 // commit is on disk before the sender is answered, so an
                 // answered send survives power loss, not only a crash; the
                 // mailbox writer's group commit pays one fsync per batch.
+                // busy_timeout first: switching to WAL takes a lock, and
+                // the pool opens its connections concurrently.
                 c.batch_execute(&format!(
-                    "PRAGMA journal_mode = WAL;
+                    "PRAGMA busy_timeout = {};
+                     PRAGMA journal_mode = WAL;
                      PRAGMA synchronous = FULL;
-                     PRAGMA foreign_keys = ON;
-                     PRAGMA busy_timeout = {};",
+                     PRAGMA foreign_keys = ON;",
                     SQLITE_BUSY_TIMEOUT.as_millis()
                 ))
                 .map_err(StoreError::Query)?;

@@ -1,0 +1,344 @@
+//! `courier-load`: load and benchmark scenarios for courier, driving a
+//! `courier serve` process over HTTP and WebSocket exactly as clients do.
+//!
+//! Without `--server` it starts its own courier (the `courier` binary next
+//! to its own executable, i.e. `target/release/courier`, or
+//! `--courier-bin`) on 127.0.0.1:0 with a fresh SQLite file in a temp dir
+//! — or `--database-url postgres://…`, which must name an EMPTY database
+//! the tool may fill — with rate limits off, and stops it with SIGTERM at
+//! the end. With `--server http://127.0.0.1:PORT` it drives that server
+//! (rate limits must be off there; `--server-pid` lets `connections` read
+//! its memory). Only 127.0.0.0/8 targets are accepted.
+//!
+//! Output: a progress line per second on stderr, a table per scenario on
+//! stdout, and a last line `RESULT {json}` with every figure. Exit status 0
+//! when every correctness check passed, 1 when one failed, 2 when the run
+//! could not be carried out.
+
+mod bundles;
+mod ceiling;
+mod client;
+mod connections;
+mod relay;
+mod server;
+mod smoke;
+mod spill;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use crate::relay::{RelayArgs, Target};
+use crate::server::{Courier, ServerSummary, StartOptions};
+use crate::stats::Report;
+
+#[derive(Parser)]
+#[command(
+    name = "courier-load",
+    version,
+    about = "Load and benchmark scenarios for courier (drives a courier process over the network)"
+)]
+struct Cli {
+    /// Drive this running courier (http://127.x.y.z:PORT) instead of starting one.
+    #[arg(long, global = true, help_heading = "Server under test")]
+    server: Option<String>,
+    /// The external server's pid, for its memory figures (`connections`).
+    #[arg(long, global = true, help_heading = "Server under test")]
+    server_pid: Option<u32>,
+    /// The courier binary to start [default: `courier` next to this executable].
+    #[arg(long, global = true, help_heading = "Server under test")]
+    courier_bin: Option<PathBuf>,
+    /// PostgreSQL URL of an EMPTY database for the self-started server
+    /// [default: a fresh SQLite file in a temp dir].
+    #[arg(long, global = true, help_heading = "Server under test")]
+    database_url: Option<String>,
+    /// COURIER_WORKERS for the self-started server [default: one per core].
+    #[arg(long, global = true, help_heading = "Server under test")]
+    workers: Option<usize>,
+    /// Extra KEY=VALUE environment for the self-started server (repeatable),
+    /// e.g. --server-env COURIER_DB_POOL_SIZE=4.
+    #[arg(long = "server-env", global = true, value_parser = parse_key_value, help_heading = "Server under test")]
+    server_env: Vec<(String, String)>,
+    /// Copy the self-started server's log (stderr) to this file.
+    #[arg(long, global = true, help_heading = "Server under test")]
+    server_log: Option<PathBuf>,
+    /// No progress lines on stderr.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Live relay between connected pairs at a fixed offered rate (or --sweep).
+    Relay {
+        #[command(flatten)]
+        args: RelayArgs,
+        /// Also sweep the in-process bare relay and report courier's max rate
+        /// as a fraction of it (implies --sweep).
+        #[arg(long)]
+        with_ceiling: bool,
+        /// Worker threads of the bare relay [default: one per core].
+        #[arg(long)]
+        ceiling_threads: Option<usize>,
+    },
+    /// Mailbox commits with offline recipients, then the drain.
+    Spill(spill::SpillArgs),
+    /// Prekey bundle fetches; fails if a one-time key is handed out twice.
+    Bundles(bundles::BundlesArgs),
+    /// Idle authenticated WebSockets: connect time and server RSS per connection.
+    Connections(connections::ConnectionsArgs),
+    /// The relay client against a bare in-process WebSocket relay (no courier).
+    Ceiling {
+        #[command(flatten)]
+        args: RelayArgs,
+        /// Worker threads of the bare relay [default: one per core].
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Every scenario at a small size, checking correctness only (for CI).
+    Smoke {
+        #[arg(long, default_value = bundles::DEFAULT_VECTORS)]
+        vectors: PathBuf,
+    },
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Every socket is a descriptor; the child server inherits the raised limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if !cli.quiet => eprintln!("courier-load: file descriptor limit {n}"),
+        Ok(_) => {}
+        Err(e) => eprintln!("courier-load: cannot raise the file descriptor limit: {e}"),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("courier-load: cannot start a runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let name = scenario_name(&cli.scenario);
+    let (result, summary) = runtime.block_on(run(cli));
+    match result {
+        Ok(reports) => finish(name, reports, summary),
+        Err(e) => {
+            eprintln!("courier-load: {e:#}");
+            let mut j = json!({"scenario": name, "ok": false, "error": format!("{e:#}")});
+            if let Some(s) = &summary {
+                j["server"] = server_json(s);
+            }
+            println!("RESULT {j}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn scenario_name(s: &Scenario) -> &'static str {
+    match s {
+        Scenario::Relay { .. } => "relay",
+        Scenario::Spill(_) => "spill",
+        Scenario::Bundles(_) => "bundles",
+        Scenario::Connections(_) => "connections",
+        Scenario::Ceiling { .. } => "ceiling",
+        Scenario::Smoke { .. } => "smoke",
+    }
+}
+
+/// Starts or attaches to the server, runs the scenario, stops the server.
+async fn run(cli: Cli) -> (anyhow::Result<Vec<Report>>, Option<ServerSummary>) {
+    if let Scenario::Ceiling { args, threads } = &cli.scenario {
+        return (run_ceiling(args, *threads, cli.quiet).await, None);
+    }
+    let mut courier = match connect_or_start(&cli).await {
+        Ok(c) => c,
+        Err(e) => return (Err(e), None),
+    };
+    let result = run_scenario(&cli, &courier).await;
+    let crashed = courier.exited();
+    let summary = courier.stop().await;
+    let result = result.map(|mut reports| {
+        if let Some(status) = crashed {
+            if let Some(r) = reports.last_mut() {
+                r.fail(format!("courier exited during the run: {status}"));
+            }
+        }
+        reports
+    });
+    let summary = cli.server.is_none().then_some(summary);
+    (result, summary)
+}
+
+async fn connect_or_start(cli: &Cli) -> anyhow::Result<Courier> {
+    if let Some(url) = &cli.server {
+        return Courier::external(url, cli.server_pid);
+    }
+    let bin = match &cli.courier_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()
+            .context("own path")?
+            .parent()
+            .context("own directory")?
+            .join("courier"),
+    };
+    let (keys, messages) = match &cli.scenario {
+        Scenario::Bundles(b) => (b.keys as u64, 0),
+        Scenario::Spill(s) => (0, s.messages),
+        _ => (0, 0),
+    };
+    let courier = Courier::start(StartOptions {
+        bin,
+        database_url: cli.database_url.clone(),
+        workers: cli.workers,
+        env: cli.server_env.clone(),
+        max_one_time_keys: keys.max(100_000),
+        mailbox_max_messages: messages.max(1_000_000),
+        log_file: cli.server_log.clone(),
+    })
+    .await?;
+    if !cli.quiet {
+        eprintln!(
+            "courier-load: started courier (pid {}) on {}",
+            courier.pid().unwrap_or(0),
+            courier.addr
+        );
+    }
+    Ok(courier)
+}
+
+async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report>> {
+    let quiet = cli.quiet;
+    let target = Target {
+        name: "courier",
+        addr: courier.addr,
+        http_base: Some(courier.base()),
+        has_mailbox: true,
+    };
+    Ok(match &cli.scenario {
+        Scenario::Relay {
+            args,
+            with_ceiling,
+            ceiling_threads,
+        } => {
+            let mut report = Report::new("relay");
+            if *with_ceiling {
+                let args = RelayArgs {
+                    sweep: true,
+                    ..args.clone()
+                };
+                let best = relay::run(&target, &args, quiet, &mut report).await?;
+                let ceiling = ceiling::Ceiling::start(threads_or_cores(*ceiling_threads))?;
+                let best_ceiling =
+                    relay::run(&ceiling_target(&ceiling), &args, quiet, &mut report).await?;
+                let ratio = match (best, best_ceiling) {
+                    (Some(c), Some(b)) if b > 0.0 => Some(c / b),
+                    _ => None,
+                };
+                report.row(
+                    "courier / ceiling",
+                    ratio.map_or("n/a".to_owned(), |r| format!("{:.1} %", r * 100.0)),
+                );
+                report.fig("ratio_to_ceiling", ratio.map(stats::round3));
+            } else {
+                relay::run(&target, args, quiet, &mut report).await?;
+            }
+            vec![report]
+        }
+        Scenario::Spill(args) => {
+            vec![spill::run(&courier.base(), courier.addr, args, quiet).await?]
+        }
+        Scenario::Bundles(args) => vec![bundles::run(&courier.base(), args, quiet).await?],
+        Scenario::Connections(args) => vec![connections::run(courier, args, quiet).await?],
+        Scenario::Smoke { vectors } => smoke::run(courier, vectors.clone(), quiet).await,
+        Scenario::Ceiling { .. } => unreachable!("handled without a courier"),
+    })
+}
+
+async fn run_ceiling(
+    args: &RelayArgs,
+    threads: Option<usize>,
+    quiet: bool,
+) -> anyhow::Result<Vec<Report>> {
+    let ceiling = ceiling::Ceiling::start(threads_or_cores(threads))?;
+    let mut report = Report::new("ceiling");
+    relay::run(&ceiling_target(&ceiling), args, quiet, &mut report).await?;
+    Ok(vec![report])
+}
+
+fn ceiling_target(c: &ceiling::Ceiling) -> Target {
+    Target {
+        name: "ceiling",
+        addr: c.addr,
+        http_base: None,
+        has_mailbox: false,
+    }
+}
+
+fn threads_or_cores(t: Option<usize>) -> usize {
+    t.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
+fn server_json(s: &ServerSummary) -> Value {
+    json!({
+        "exit": s.exit,
+        "log_warnings": s.warnings,
+        "log_errors": s.errors,
+        "log_problems": s.problems,
+    })
+}
+
+/// Prints the tables and the RESULT line; the exit status.
+fn finish(name: &str, mut reports: Vec<Report>, summary: Option<ServerSummary>) -> ExitCode {
+    if let (Some(s), Some(last)) = (&summary, reports.last_mut()) {
+        if s.exit.as_deref().is_some_and(|e| e != "exit status: 0") {
+            last.warn(format!(
+                "courier after SIGTERM: {}",
+                s.exit.as_deref().unwrap_or("")
+            ));
+        }
+        if s.errors > 0 || s.warnings > 0 {
+            last.warn(format!(
+                "courier logged {} errors and {} warnings (first: {:?})",
+                s.errors,
+                s.warnings,
+                s.problems.first()
+            ));
+        }
+    }
+    for r in &reports {
+        r.print_table();
+    }
+    let ok = reports.iter().all(Report::ok);
+    let mut j = if let [only] = reports.as_slice() {
+        only.json()
+    } else {
+        json!({
+            "scenario": name,
+            "ok": ok,
+            "parts": reports.iter().map(Report::json).collect::<Vec<_>>(),
+        })
+    };
+    if let Some(s) = &summary {
+        j["server"] = server_json(s);
+    }
+    println!("RESULT {j}");
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,344 @@
+//! `relay` (and, against the in-process bare relay, `ceiling`): live
+//! message relay between connected devices.
+//!
+//! N sender/receiver pairs, each device on its own WebSocket. Every sender
+//! sends to its receiver at a fixed offered rate (the total `--rate` spread
+//! evenly over the senders, open loop: message k of sender i is due at
+//! `(i + k·N) / R` seconds whatever happened to earlier ones). Receivers ack
+//! every `message` at once. It measures what a chatting user feels:
+//!
+//! - answer latency: send frame written → `response` frame read by the sender
+//!   (for courier that includes the receiver's ack: the SPEC answers a send
+//!   only once the copy is acknowledged or committed);
+//! - delivery latency: send frame written → `message` frame read by the
+//!   receiver (the send time travels inside the content);
+//! - send lag: how late the sender wrote each frame relative to its schedule
+//!   (the tool falling behind, or the server not reading: backpressure);
+//! - loss: answered 200 but never received, neither live nor from the
+//!   mailbox on a reconnect afterwards (the SPEC's "an answered send is never
+//!   lost");
+//! - order: a delivery with a lower sequence number than one already
+//!   delivered on that pair (the SPEC keeps per-(source, destination) order).
+//!
+//! `--sweep` runs short steps at increasing rates (doubling, then bisecting)
+//! and reports the highest rate whose delivery p99 stays under `--p99-ms`
+//! with nothing lost, nothing failed and the senders on schedule.
+
+mod peer;
+mod result;
+mod step;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::client::{self, Device};
+use crate::stats::{Progress, Report};
+
+pub use result::StepResult;
+pub use step::{run_step, StepConfig};
+
+/// Options shared by `relay` and `ceiling`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RelayArgs {
+    /// Sender/receiver pairs (2 WebSockets each).
+    #[arg(long, default_value_t = 16)]
+    pub pairs: usize,
+    /// Total offered rate in messages per second, over all senders.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Seconds of sending (a fixed-rate run).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Content bytes per message (at least 24: the timing stamp).
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Find the highest rate meeting --p99-ms with nothing lost.
+    #[arg(long)]
+    pub sweep: bool,
+    /// Seconds per sweep step.
+    #[arg(long, default_value_t = 3.0)]
+    pub step_secs: f64,
+    /// First sweep rate (msg/s); doubled while steps pass.
+    #[arg(long, default_value_t = 1000.0)]
+    pub start_rate: f64,
+    /// The sweep never offers more than this (msg/s).
+    #[arg(long, default_value_t = 256_000.0)]
+    pub max_rate: f64,
+    /// Bisection steps between the last passing and first failing rate.
+    #[arg(long, default_value_t = 3)]
+    pub bisect_steps: u32,
+    /// Re-runs of a sweep step that falls short before it counts as failed.
+    #[arg(long, default_value_t = 1)]
+    pub confirm: u32,
+    /// Delivery p99 a sweep step must stay under (ms).
+    #[arg(long, default_value_t = 10.0)]
+    pub p99_ms: f64,
+    /// Seconds to wait for outstanding answers after the last send.
+    #[arg(long, default_value_t = 10.0)]
+    pub grace_secs: f64,
+}
+
+/// What the relay clients talk to.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `courier` or `ceiling`, for the report.
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    /// `http://…` for registration; `None` for the ceiling (no accounts).
+    pub http_base: Option<String>,
+    /// Whether spilled copies can be fetched again by reconnecting.
+    pub has_mailbox: bool,
+}
+
+/// A sender and the receiver it sends to.
+#[derive(Clone, Debug)]
+pub struct Pair {
+    pub sender: Device,
+    pub receiver: Device,
+}
+
+/// Registers (courier) or invents (ceiling) the devices for `n` pairs.
+pub async fn make_pairs(target: &Target, n: usize, quiet: bool) -> anyhow::Result<Vec<Pair>> {
+    let devices = match &target.http_base {
+        Some(base) => {
+            let progress = Progress::new("register", &["accounts"], 0);
+            let _line = progress.report_every_second(quiet);
+            client::register_many(base, 2 * n, 32, Some(progress.counter(0))).await?
+        }
+        None => (0..2 * n).map(Device::fabricated).collect(),
+    };
+    let mut it = devices.into_iter();
+    let mut pairs = Vec::with_capacity(n);
+    while let (Some(sender), Some(receiver)) = (it.next(), it.next()) {
+        pairs.push(Pair { sender, receiver });
+    }
+    Ok(pairs)
+}
+
+/// What a sweep tried and found.
+pub struct Sweep {
+    /// Every step: rate, result, and why it fell short (`None`: passed).
+    pub steps: Vec<(f64, StepResult, Option<String>)>,
+    /// The highest passing rate.
+    pub best: Option<f64>,
+}
+
+/// Steps at increasing rates: doubling from `--start-rate` while steps pass
+/// (halving instead if the first fails), then bisecting between the last
+/// pass and the first failure. At most ~30 steps; every step is bounded.
+pub async fn sweep(target: &Target, pairs: &[Pair], args: &RelayArgs, quiet: bool) -> Sweep {
+    let mut steps = Vec::new();
+    let max_rate = args.max_rate.max(1.0);
+    let start = args.start_rate.clamp(1.0, max_rate);
+    let mut lo: Option<f64> = None;
+    let mut hi: Option<f64> = None;
+
+    let mut rate = start;
+    loop {
+        if sweep_step(target, pairs, args, rate, quiet, &mut steps).await {
+            lo = Some(rate);
+            if rate * 2.0 > max_rate || steps.len() >= 20 {
+                break;
+            }
+            rate *= 2.0;
+        } else {
+            hi = Some(rate);
+            break;
+        }
+    }
+    if lo.is_none() {
+        let mut r = start / 2.0;
+        while r >= start / 16.0 {
+            if sweep_step(target, pairs, args, r, quiet, &mut steps).await {
+                lo = Some(r);
+                break;
+            }
+            hi = Some(r);
+            r /= 2.0;
+        }
+    }
+    if let (Some(mut l), Some(mut h)) = (lo, hi) {
+        for _ in 0..args.bisect_steps {
+            if (h - l) / l < 0.05 {
+                break;
+            }
+            let mid = ((l + h) / 2.0).round();
+            if sweep_step(target, pairs, args, mid, quiet, &mut steps).await {
+                l = mid;
+            } else {
+                h = mid;
+            }
+        }
+        lo = Some(l);
+    }
+    Sweep { steps, best: lo }
+}
+
+async fn sweep_step(
+    target: &Target,
+    pairs: &[Pair],
+    args: &RelayArgs,
+    rate: f64,
+    quiet: bool,
+    steps: &mut Vec<(f64, StepResult, Option<String>)>,
+) -> bool {
+    let cfg = StepConfig {
+        rate,
+        duration: Duration::from_secs_f64(args.step_secs),
+        size: args.size,
+        grace: Duration::from_secs_f64(args.grace_secs),
+        quiet: true,
+    };
+    // A shortfall is confirmed by running the step again (`--confirm`
+    // times): on a shared machine one stall elsewhere should not decide the
+    // rate. Every attempt is reported, and a correctness failure in any of
+    // them fails the run regardless.
+    for attempt in 0..=args.confirm {
+        let result = run_step(target, pairs, &cfg).await;
+        let shortfall = result.shortfall(args.p99_ms);
+        if !quiet {
+            eprintln!(
+                "sweep {}: {:>8.0} msg/s offered, {:>8.0} delivered/s, delivery {} → {}{}",
+                target.name,
+                rate,
+                result.delivered_rate(),
+                result.delivery_latency.summary(),
+                shortfall.as_deref().unwrap_or("pass"),
+                if attempt > 0 { " (again)" } else { "" }
+            );
+        }
+        let pass = shortfall.is_none();
+        let correct = result.correctness_failures().is_empty();
+        steps.push((rate, result, shortfall));
+        // Let queued work drain before the next step.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if pass || !correct {
+            return pass;
+        }
+    }
+    false
+}
+
+/// Checks the options every relay-style run needs.
+pub fn validate(args: &RelayArgs, report: &mut Report) -> anyhow::Result<()> {
+    if args.pairs == 0 || args.pairs > 50_000 {
+        anyhow::bail!("--pairs must be in 1..=50000");
+    }
+    if args.confirm > 10 || args.bisect_steps > 20 {
+        anyhow::bail!("--confirm ≤ 10 and --bisect-steps ≤ 20 keep a sweep bounded");
+    }
+    let within = |x: f64, max: f64| x.is_finite() && x > 0.0 && x <= max;
+    if !within(args.rate, 1e9) || !within(args.start_rate, 1e9) || !within(args.max_rate, 1e9) {
+        anyhow::bail!("rates must be positive");
+    }
+    let durations_ok = within(args.duration, 3600.0)
+        && within(args.step_secs, 600.0)
+        && (args.grace_secs == 0.0 || within(args.grace_secs, 600.0));
+    if !durations_ok {
+        anyhow::bail!("--duration ≤ 3600 s, --step-secs ≤ 600 s, --grace-secs ≤ 600 s");
+    }
+    if args.size < client::STAMP_LEN {
+        report.warn(format!(
+            "--size {} is below the {}-byte timing stamp; sending {} bytes",
+            args.size,
+            client::STAMP_LEN,
+            client::STAMP_LEN
+        ));
+    }
+    Ok(())
+}
+
+/// A relay-style run (fixed rate, or sweep) against `target`, into
+/// `report`. Returns the sweep's best rate.
+pub async fn run(
+    target: &Target,
+    args: &RelayArgs,
+    quiet: bool,
+    report: &mut Report,
+) -> anyhow::Result<Option<f64>> {
+    validate(args, report)?;
+    let pairs = make_pairs(target, args.pairs, quiet).await?;
+    if !args.sweep {
+        let cfg = StepConfig {
+            rate: args.rate,
+            duration: Duration::from_secs_f64(args.duration),
+            size: args.size,
+            grace: Duration::from_secs_f64(args.grace_secs),
+            quiet,
+        };
+        let r = run_step(target, &pairs, &cfg).await;
+        r.rows(report);
+        report.fig(target.name, r.json());
+        for f in r.correctness_failures() {
+            report.fail(f);
+        }
+        if r.errors() > 0 {
+            report.fail(format!("{}: {} errors", target.name, r.errors()));
+        }
+        if r.unanswered > 0 {
+            report.fail(format!(
+                "{}: {} sends never answered within {} s",
+                target.name, r.unanswered, args.grace_secs
+            ));
+        }
+        if r.sent < r.planned {
+            report.warn(format!(
+                "{}: only {} of {} planned messages were sent before the deadline",
+                target.name, r.sent, r.planned
+            ));
+        }
+        return Ok(None);
+    }
+
+    let sw = sweep(target, &pairs, args, quiet).await;
+    report.row(
+        &format!("{} sweep", target.name),
+        format!(
+            "{} pairs, {} s steps, pass = delivery p99 < {} ms, nothing lost or failed",
+            args.pairs, args.step_secs, args.p99_ms
+        ),
+    );
+    let mut steps_json = Vec::new();
+    for (rate, r, shortfall) in &sw.steps {
+        report.row(
+            &format!("  {rate:.0} msg/s"),
+            format!(
+                "{:.0} delivered/s, delivery p99 {:.2} ms, answer p99 {:.2} ms: {}",
+                r.delivered_rate(),
+                r.delivery_latency.ms(0.99),
+                r.answer_latency.ms(0.99),
+                shortfall.as_deref().unwrap_or("pass")
+            ),
+        );
+        for f in r.correctness_failures() {
+            report.fail(f);
+        }
+        let mut j = r.json();
+        j["pass"] = json!(shortfall.is_none());
+        j["shortfall"] = json!(shortfall);
+        steps_json.push(j);
+    }
+    report.row(
+        &format!("{} max rate", target.name),
+        match sw.best {
+            Some(b) => format!("{b:.0} msg/s"),
+            None => "no step passed".into(),
+        },
+    );
+    if sw.best.is_none() {
+        report.warn(format!("{}: no sweep step passed", target.name));
+    }
+    report.fig(
+        target.name,
+        json!({
+            "max_rate": sw.best,
+            "p99_ms_limit": args.p99_ms,
+            "pairs": args.pairs,
+            "step_s": args.step_secs,
+            "steps": steps_json,
+        }),
+    );
+    Ok(sw.best)
+}
