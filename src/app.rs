@@ -70,7 +70,8 @@ pub async fn run(
     }
 
     let metrics = Metrics::new();
-    let (writer, _writer_thread) = MailboxWriter::start(pool.clone(), metrics.clone());
+    let (writer, _writer_thread) =
+        MailboxWriter::start(pool.clone(), metrics.clone(), config.mailbox_max_messages);
     let router = Router::new(writer.clone(), metrics.clone()).start();
     let keys = KeysActor::start(pool.clone(), config.max_one_time_keys);
     let state = web::Data::new(AppState {

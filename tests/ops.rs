@@ -215,6 +215,41 @@ async fn mailbox_cap_answers_507(backend: Backend) {
     );
 }
 
+/// The cap holds under concurrency: it is enforced where copies are
+/// committed, not only checked before routing.
+async fn mailbox_cap_holds_under_concurrent_sends(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| c.mailbox_max_messages = 10).await;
+    let alice = TestDevice::register(&server).await;
+    let bob = TestDevice::register(&server).await;
+    let sends = (0..40).map(|i| {
+        let alice = alice.clone();
+        let (uuid, target) = (bob.uuid.clone(), bob.target());
+        tokio::spawn(async move {
+            alice
+                .send(&uuid, &[target], format!("{i}").as_bytes())
+                .await
+        })
+    });
+    let mut ok = 0;
+    let mut full = 0;
+    for s in sends {
+        match s.await.unwrap() {
+            (StatusCode::OK, body) => {
+                assert_eq!(body["results"][0]["status"], "queued");
+                ok += 1
+            }
+            (StatusCode::INSUFFICIENT_STORAGE, body) => {
+                assert_eq!(body["error"], "mailbox_full");
+                full += 1
+            }
+            (s, b) => panic!("unexpected {s}: {b}"),
+        }
+    }
+    assert_eq!((ok, full), (10, 30));
+    let (_, listed) = bob.request(Method::GET, "/v1/messages", None).await;
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 10);
+}
+
 /// `/metrics` is Prometheus text and its counters follow traffic; routes are
 /// templates, never raw paths with account ids.
 async fn metrics_follow_traffic(backend: Backend) {
@@ -422,6 +457,7 @@ backends!(
     rate_limits_are_per_key,
     retention_sweep_deletes_old_copies,
     mailbox_cap_answers_507,
+    mailbox_cap_holds_under_concurrent_sends,
     metrics_follow_traffic,
     logs_never_contain_secrets,
 );

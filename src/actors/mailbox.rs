@@ -18,16 +18,17 @@ use uuid::Uuid;
 use crate::domain::address::Address;
 use crate::domain::envelope::Envelope;
 use crate::metrics::Metrics;
-use crate::store::{self, mailbox::Write, Pool};
+use crate::store::mailbox::{Outcome, Write};
+use crate::store::{self, Pool};
 
 /// Writes taken in one transaction at most.
 const MAX_BATCH: usize = 2_048;
 /// Pause before retrying after the database failed a whole batch.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
-/// Called on the writer thread once its write is committed (`Ok(changed)`)
+/// Called on the writer thread once its write is committed (`Ok(outcome)`)
 /// or has failed for good (`Err(())`). Must be quick: a oneshot send.
-pub type Completion = Box<dyn FnOnce(Result<bool, ()>) + Send>;
+pub type Completion = Box<dyn FnOnce(Result<Outcome, ()>) + Send>;
 
 enum Op {
     Spill {
@@ -51,12 +52,21 @@ pub struct MailboxWriter {
     tx: mpsc::Sender<Op>,
 }
 
+/// Receiver of one write's outcome.
+pub type Done = oneshot::Receiver<Result<Outcome, ()>>;
+
 impl MailboxWriter {
-    pub fn start(pool: Pool, metrics: Metrics) -> (MailboxWriter, thread::JoinHandle<()>) {
+    /// `cap`: copies a device's mailbox may hold; spills beyond it are `Full`.
+    pub fn start(
+        pool: Pool,
+        metrics: Metrics,
+        cap: u64,
+    ) -> (MailboxWriter, thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel();
+        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
         let handle = thread::Builder::new()
             .name("mailbox-writer".into())
-            .spawn(move || run(pool, metrics, rx))
+            .spawn(move || run(pool, metrics, cap, rx))
             .expect("cannot spawn the mailbox writer thread");
         (MailboxWriter { tx }, handle)
     }
@@ -81,11 +91,7 @@ impl MailboxWriter {
     }
 
     /// Queues a spill and returns a receiver for its commit.
-    pub fn spill(
-        &self,
-        dest: Address,
-        envelope: Arc<Envelope>,
-    ) -> oneshot::Receiver<Result<bool, ()>> {
+    pub fn spill(&self, dest: Address, envelope: Arc<Envelope>) -> Done {
         let (tx, rx) = oneshot::channel();
         self.spill_then(
             dest,
@@ -99,7 +105,7 @@ impl MailboxWriter {
 
     /// Queues the deletion of an acknowledged copy; the receiver says whether
     /// it was there.
-    pub fn delete(&self, dest: Address, guid: Uuid) -> oneshot::Receiver<Result<bool, ()>> {
+    pub fn delete(&self, dest: Address, guid: Uuid) -> Done {
         let (tx, rx) = oneshot::channel();
         self.push(Op::Delete {
             dest,
@@ -117,7 +123,7 @@ impl MailboxWriter {
     }
 
     /// Resolves once every write queued before this call is committed.
-    pub fn barrier(&self) -> oneshot::Receiver<Result<bool, ()>> {
+    pub fn barrier(&self) -> Done {
         let (tx, rx) = oneshot::channel();
         self.push(Op::Barrier(Box::new(move |r| {
             let _ = tx.send(r);
@@ -126,7 +132,7 @@ impl MailboxWriter {
     }
 }
 
-fn run(pool: Pool, metrics: Metrics, rx: mpsc::Receiver<Op>) {
+fn run(pool: Pool, metrics: Metrics, cap: i64, rx: mpsc::Receiver<Op>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -136,19 +142,19 @@ fn run(pool: Pool, metrics: Metrics, rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        commit(&pool, &metrics, &mut batch);
+        commit(&pool, &metrics, cap, &mut batch);
     }
     log::debug!("mailbox writer stopped");
 }
 
 /// Commits `batch` as one transaction; if that fails, retries once after a
 /// pause, then write by write so one bad write cannot fail its neighbours.
-fn commit(pool: &Pool, metrics: &Metrics, batch: &mut Vec<Op>) {
+fn commit(pool: &Pool, metrics: &Metrics, cap: i64, batch: &mut Vec<Op>) {
     let started = Instant::now();
-    let mut outcome = apply(pool, batch);
+    let mut outcome = apply(pool, cap, batch);
     if outcome.is_err() {
         thread::sleep(RETRY_PAUSE);
-        outcome = apply(pool, batch);
+        outcome = apply(pool, cap, batch);
     }
     match outcome {
         Ok(changed) => {
@@ -165,8 +171,8 @@ fn commit(pool: &Pool, metrics: &Metrics, batch: &mut Vec<Op>) {
                 batch.len()
             );
             for op in batch.drain(..) {
-                let result = apply(pool, std::slice::from_ref(&op))
-                    .map(|v| v.first().copied().unwrap_or(false))
+                let result = apply(pool, cap, std::slice::from_ref(&op))
+                    .map(|v| v.first().copied().unwrap_or(Outcome::Absent))
                     .map_err(|e| log::error!("mailbox write failed: {e}"));
                 finish(metrics, std::iter::once((op, result)));
             }
@@ -175,8 +181,8 @@ fn commit(pool: &Pool, metrics: &Metrics, batch: &mut Vec<Op>) {
 }
 
 /// Applies every write of `ops` (barriers are no-ops) in one transaction;
-/// returns one `changed` flag per op.
-fn apply(pool: &Pool, ops: &[Op]) -> Result<Vec<bool>, store::StoreError> {
+/// returns one outcome per op.
+fn apply(pool: &Pool, cap: i64, ops: &[Op]) -> Result<Vec<Outcome>, store::StoreError> {
     let writes: Vec<Write<'_>> = ops
         .iter()
         .filter_map(|op| match op {
@@ -195,29 +201,29 @@ fn apply(pool: &Pool, ops: &[Op]) -> Result<Vec<bool>, store::StoreError> {
         Vec::new()
     } else {
         let mut conn = pool.get()?;
-        store::mailbox::apply(&mut conn, &writes)?
+        store::mailbox::apply(&mut conn, &writes, cap)?
     }
     .into_iter();
     Ok(ops
         .iter()
         .map(|op| match op {
-            Op::Barrier(_) => true,
-            _ => changed.next().unwrap_or(false),
+            Op::Barrier(_) => Outcome::Absent,
+            _ => changed.next().unwrap_or(Outcome::Absent),
         })
         .collect())
 }
 
-fn finish(metrics: &Metrics, results: impl Iterator<Item = (Op, Result<bool, ()>)>) {
+fn finish(metrics: &Metrics, results: impl Iterator<Item = (Op, Result<Outcome, ()>)>) {
     for (op, result) in results {
         match op {
             Op::Spill { done, .. } => {
-                if result.is_ok() {
+                if result == Ok(Outcome::Stored) {
                     metrics.messages_spilled.inc();
                 }
                 done(result)
             }
             Op::Delete { done, .. } => {
-                if result == Ok(true) {
+                if result == Ok(Outcome::Deleted) {
                     metrics.messages_acknowledged.inc();
                 }
                 done(result)

@@ -20,10 +20,29 @@ use super::session::{Close, Deliver, DeviceSession, Drain as DrainSession};
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::domain::envelope::Envelope;
 use crate::metrics::Metrics;
+use crate::store::mailbox::Outcome;
 use crate::wire::DeliveryStatus;
 
-/// The answer for one routed copy: its status, or `Err` when storage failed.
-pub type RouteReply = oneshot::Sender<Result<DeliveryStatus, ()>>;
+/// Why a copy could be neither delivered nor stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteError {
+    /// The device's mailbox is at its cap.
+    MailboxFull,
+    /// The database failed the write.
+    Storage,
+}
+
+/// The answer for one routed copy.
+pub type RouteReply = oneshot::Sender<Result<DeliveryStatus, RouteError>>;
+
+/// What a committed (or refused) spill means for its sender.
+pub fn spill_status(outcome: Result<Outcome, ()>) -> Result<DeliveryStatus, RouteError> {
+    match outcome {
+        Ok(Outcome::Stored) => Ok(DeliveryStatus::Queued),
+        Ok(Outcome::Full) => Err(RouteError::MailboxFull),
+        Ok(_) | Err(()) => Err(RouteError::Storage),
+    }
+}
 
 /// A future the new session must wait for before it reads the mailbox.
 pub type Settled = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -71,7 +90,7 @@ impl Router {
             dest,
             envelope,
             Box::new(move |r| {
-                let _ = reply.send(r.map(|_| DeliveryStatus::Queued));
+                let _ = reply.send(spill_status(r));
             }),
         );
     }

@@ -31,7 +31,7 @@ use futures_util::Stream;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::router::{Connect, Disconnect, RouteReply};
+use super::router::{spill_status, Connect, Disconnect, RouteReply};
 use crate::domain::address::Address;
 use crate::domain::envelope::Envelope;
 use crate::error::ApiError;
@@ -233,7 +233,7 @@ impl DeviceSession {
             self.address,
             envelope,
             Box::new(move |r| {
-                let _ = reply.send(r.map(|_| DeliveryStatus::Queued));
+                let _ = reply.send(spill_status(r));
             }),
         );
     }

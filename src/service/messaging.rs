@@ -16,13 +16,14 @@ use base64::Engine as _;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::actors::router::Route;
+use crate::actors::router::{spill_status, Route, RouteError};
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::domain::device_set::{self, DeviceSetError};
 use crate::domain::envelope::{new_guid, Envelope, MAX_CONTENT_BYTES, REGISTRATION_ID_RANGE};
 use crate::error::ApiError;
 use crate::state::State;
 use crate::store;
+use crate::store::mailbox::Outcome;
 use crate::wire::{
     DeliveryStatus, EnvelopeJson, MessageList, SendRequest, SendResponse, SendResult,
 };
@@ -224,14 +225,19 @@ pub fn route(
         for (to, envelope, outcome) in waits {
             let status = match outcome.await {
                 Ok(Ok(status)) => status,
-                Ok(Err(())) => return Err(ApiError::Internal),
+                Ok(Err(RouteError::MailboxFull)) => return Err(ApiError::MailboxFull),
+                Ok(Err(RouteError::Storage)) => return Err(ApiError::Internal),
                 // The session ended with the copy still in its queue: store
                 // it here, so an answered send is never lost.
                 Err(_) if ephemeral => DeliveryStatus::Dropped,
-                Err(_) => match writer.spill(to, envelope.clone()).await {
-                    Ok(Ok(_)) => DeliveryStatus::Queued,
-                    _ => return Err(ApiError::Internal),
-                },
+                Err(_) => {
+                    match spill_status(writer.spill(to, envelope.clone()).await.unwrap_or(Err(())))
+                    {
+                        Ok(status) => status,
+                        Err(RouteError::MailboxFull) => return Err(ApiError::MailboxFull),
+                        Err(RouteError::Storage) => return Err(ApiError::Internal),
+                    }
+                }
             };
             results.push(SendResult {
                 device_id: to.device.0,
@@ -273,8 +279,8 @@ pub async fn fetch(state: &State, device: Address) -> Result<MessageList, ApiErr
 pub async fn acknowledge(state: &State, device: Address, guid: &str) -> Result<(), ApiError> {
     let guid = Uuid::parse_str(guid).map_err(|_| ApiError::NotFound("no such message"))?;
     match state.writer.delete(device, guid).await {
-        Ok(Ok(true)) => Ok(()),
-        Ok(Ok(false)) => Err(ApiError::NotFound("no such message")),
+        Ok(Ok(Outcome::Deleted)) => Ok(()),
+        Ok(Ok(_)) => Err(ApiError::NotFound("no such message")),
         _ => Err(ApiError::Internal),
     }
 }

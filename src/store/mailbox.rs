@@ -84,20 +84,53 @@ macro_rules! insert_rows {
     }};
 }
 
-/// Applies `writes` in one transaction, in order, and returns per write
-/// whether it changed a row (an insert always does; a delete only if the
-/// copy was there). Consecutive inserts go out as one multi-row INSERT.
-pub fn apply(conn: &mut Conn, writes: &[Write<'_>]) -> Result<Vec<bool>, StoreError> {
+/// What one write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The copy is in the mailbox.
+    Stored,
+    /// Not stored: the device's mailbox holds `cap` copies already.
+    Full,
+    /// The acknowledged copy was there and is gone.
+    Deleted,
+    /// Nothing to delete (already gone, or never this device's).
+    Absent,
+}
+
+/// Applies `writes` in one transaction, in order, and returns what each
+/// did. Consecutive inserts go out as one multi-row INSERT. The per-device
+/// cap is enforced here, against the committed count plus this batch, so
+/// concurrent senders can never push a mailbox past it.
+pub fn apply(conn: &mut Conn, writes: &[Write<'_>], cap: i64) -> Result<Vec<Outcome>, StoreError> {
     with_conn!(conn, c => c.transaction::<_, StoreError, _>(|c| {
         let mut results = Vec::with_capacity(writes.len());
         let mut pending: Vec<Row> = Vec::new();
-        let mut deltas: HashMap<(String, i64), i64> = HashMap::new();
+        // Per device: (committed count, read on first insert; change so far).
+        let mut counts: HashMap<(String, i64), (Option<i64>, i64)> = HashMap::new();
         for w in writes {
             match w {
                 Write::Insert { dest, envelope } => {
+                    let key = (dest.account.as_db(), dest.device.as_db());
+                    let entry = counts.entry(key).or_insert((None, 0));
+                    let stored = match entry.0 {
+                        Some(n) => n,
+                        None => {
+                            let n: Option<i64> = mailbox_counts::table
+                                .filter(mailbox_counts::account.eq(dest.account.as_db()))
+                                .filter(mailbox_counts::device_id.eq(dest.device.as_db()))
+                                .select(mailbox_counts::messages)
+                                .first(c)
+                                .optional()?;
+                            *entry.0.insert(n.unwrap_or(0))
+                        }
+                    };
+                    if stored + entry.1 >= cap {
+                        results.push(Outcome::Full);
+                        continue;
+                    }
+                    entry.1 += 1;
                     pending.push(row(*dest, envelope));
-                    *deltas.entry((dest.account.as_db(), dest.device.as_db())).or_default() += 1;
-                    results.push(true);
+                    results.push(Outcome::Stored);
                 }
                 Write::Delete { dest, guid } => {
                     for chunk in pending.chunks(INSERT_CHUNK) {
@@ -110,16 +143,19 @@ pub fn apply(conn: &mut Conn, writes: &[Write<'_>]) -> Result<Vec<bool>, StoreEr
                         .filter(mailbox::guid.eq(guid.hyphenated().to_string()))
                         .execute(c)?;
                     if n > 0 {
-                        *deltas.entry((dest.account.as_db(), dest.device.as_db())).or_default() -= 1;
+                        let key = (dest.account.as_db(), dest.device.as_db());
+                        counts.entry(key).or_insert((None, 0)).1 -= 1;
+                        results.push(Outcome::Deleted);
+                    } else {
+                        results.push(Outcome::Absent);
                     }
-                    results.push(n > 0);
                 }
             }
         }
         for chunk in pending.chunks(INSERT_CHUNK) {
             insert_rows!(c, chunk)?;
         }
-        for ((account, device), delta) in deltas {
+        for ((account, device), (_, delta)) in counts {
             adjust_count!(c, &account, device, delta)?;
         }
         Ok(results)
