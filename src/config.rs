@@ -60,6 +60,9 @@ pub struct Config {
     pub drain_timeout_ms: u64,
     /// How often the retention sweeper runs.
     pub sweep_interval_secs: u64,
+    /// How long a cached device set may be used by the send path (only
+    /// changes made by other processes on a shared database wait for it).
+    pub device_cache_ttl_ms: u64,
     /// Database connections in the pool.
     pub db_pool_size: u32,
     /// HTTP worker threads; 0 means one per core.
@@ -88,6 +91,7 @@ impl Default for Config {
             provisioning_code_ttl_secs: 600,
             drain_timeout_ms: 10_000,
             sweep_interval_secs: 600,
+            device_cache_ttl_ms: 5_000,
             db_pool_size: 16,
             workers: 0,
             rate_limits: true,
@@ -171,6 +175,10 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// The longest period a rate may have: 100 years, far beyond any real limit and far below
+    /// what the limiter's `Instant` arithmetic can hold.
+    pub const MAX_PERIOD_SECS: u64 = 36_500 * 86_400;
+
     pub const fn new(count: u32, per: Duration) -> Self {
         Rate { count, per }
     }
@@ -201,7 +209,14 @@ impl FromStr for Rate {
         if count == 0 || n == 0 {
             return Err(format!("{s:?}: a rate needs a positive count and period"));
         }
-        Ok(Rate::new(count, Duration::from_secs(n * unit_secs)))
+        // `n * unit_secs` can overflow ("1/99999999999999999d"), and a period too long for
+        // `Instant` arithmetic makes the limiter panic on its first check: refuse both here.
+        match n.checked_mul(unit_secs) {
+            Some(secs) if secs <= Rate::MAX_PERIOD_SECS => {
+                Ok(Rate::new(count, Duration::from_secs(secs)))
+            }
+            _ => Err(format!("{s:?}: a rate's period is at most 36500 days")),
+        }
     }
 }
 
@@ -290,6 +305,7 @@ impl Config {
             "PROVISIONING_CODE_TTL_SECS" => self.provisioning_code_ttl_secs = num(value)?,
             "DRAIN_TIMEOUT_MS" => self.drain_timeout_ms = num(value)?,
             "SWEEP_INTERVAL_SECS" => self.sweep_interval_secs = num(value)?,
+            "DEVICE_CACHE_TTL_MS" => self.device_cache_ttl_ms = num(value)?,
             "DB_POOL_SIZE" => self.db_pool_size = num(value)?,
             "WORKERS" => self.workers = num(value)?,
             "RATE_LIMITS" => {
@@ -356,6 +372,10 @@ impl Config {
 
     pub fn provisioning_code_ttl(&self) -> Duration {
         Duration::from_secs(self.provisioning_code_ttl_secs)
+    }
+
+    pub fn device_cache_ttl(&self) -> Duration {
+        Duration::from_millis(self.device_cache_ttl_ms)
     }
 
     pub fn sweep_interval(&self) -> Duration {
@@ -472,6 +492,29 @@ mod tests {
         }
         assert!("x/h".parse::<Rate>().is_err());
         assert!("5/fortnight".parse::<Rate>().is_err());
+    }
+
+    /// Found by the `account_bodies` fuzz target: `n * unit` overflowed (a panic in debug builds,
+    /// a silently wrong period in release), and periods past `Instant`'s range made the limiter
+    /// panic on its first check. Both are now config errors.
+    #[test]
+    fn absurd_periods_are_errors_not_panics() {
+        for s in [
+            "2/8888488888888881h",
+            "1/99999999999999999d",
+            "1/18446744073709551615s",
+            "1/9223372036854775807s",
+            "1/36501d",
+        ] {
+            assert!(s.parse::<Rate>().is_err(), "{s}");
+        }
+        let longest: Rate = "1/36500d".parse().unwrap();
+        assert_eq!(longest.per, Duration::from_secs(Rate::MAX_PERIOD_SECS));
+        assert!(Config::load(
+            None,
+            env(&[("COURIER_LIMIT_LINK_PER_IP", "1/9223372036854775807s")])
+        )
+        .is_err());
     }
 
     #[test]

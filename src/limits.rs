@@ -168,4 +168,18 @@ mod tests {
             assert!(k.check(2u8).is_ok(), "other keys are independent");
         }
     }
+
+    /// The longest period `Rate` accepts must not trip the limiter's `Instant` arithmetic
+    /// (a period of `i64::MAX` seconds panicked on the first check, see `config.rs`).
+    #[test]
+    fn the_longest_rate_period_is_safe() {
+        let per = Duration::from_secs(Rate::MAX_PERIOD_SECS);
+        for n in [1u32, 2, 1000, u32::MAX] {
+            let k = Keyed::new("t", Rate::new(n, per));
+            for _ in 0..3 {
+                let _ = k.check(1u8);
+            }
+            assert!(k.check(2u8).is_ok());
+        }
+    }
 }

@@ -12,6 +12,7 @@ use crate::actors::router::Router;
 use crate::config::Config;
 use crate::limits::Limiters;
 use crate::metrics::Metrics;
+use crate::service::directory::Directory;
 use crate::store::Pool;
 
 pub struct AppState {
@@ -22,6 +23,8 @@ pub struct AppState {
     pub writer: MailboxWriter,
     pub limits: Limiters,
     pub metrics: Metrics,
+    /// Cached device sets for the send path.
+    pub directory: Directory,
     /// Set at the start of a graceful shutdown: `/readyz` answers 503 and
     /// new sends are refused.
     pub draining: AtomicBool,

@@ -110,6 +110,7 @@ pub async fn link(
     .await?;
     match linked {
         Ok(address) => {
+            state.directory.invalidate(address.account);
             log::info!("linked device {address}");
             Ok(RegisteredDevice {
                 uuid: address.account.to_string(),
@@ -167,6 +168,7 @@ pub async fn delete_device(
     if !removed {
         return Err(ApiError::NotFound("no such device"));
     }
+    state.directory.invalidate(device.account);
     state.router.do_send(CloseDevices {
         account: device.account,
         device: Some(target),
@@ -186,6 +188,7 @@ pub async fn delete_account(state: &State, device: Address) -> Result<(), ApiErr
         store::accounts::delete_account(conn, device.account).map_err(ApiError::from)
     })
     .await?;
+    state.directory.invalidate(device.account);
     state.router.do_send(CloseDevices {
         account: device.account,
         device: None,

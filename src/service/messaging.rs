@@ -7,7 +7,7 @@
 //! delivers nothing) and [`route`] (which hands every copy to the router
 //! before it returns, then waits for each copy's outcome).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -118,8 +118,8 @@ pub fn validate_body(body: SendRequest) -> Result<usize, ApiError> {
     validate(body).map(|(_, _, copies)| copies.len())
 }
 
-/// Everything before routing: validation, rate limit, device-set check and
-/// mailbox cap. Nothing is delivered from a send refused here.
+/// Everything before routing: validation, rate limit and the device-set
+/// check. Nothing is delivered from a send refused here.
 pub async fn prepare(
     state: &State,
     sender: Address,
@@ -135,28 +135,13 @@ pub async fn prepare(
     let (ephemeral, timestamp, copies) = validate(body)?;
     state.limits.send(sender.account)?;
 
-    let (devices, depth) = store::blocking(&state.pool, move |conn| {
-        let devices = store::accounts::list_devices(conn, dest)?;
-        let depth = if ephemeral || devices.is_empty() {
-            Vec::new()
-        } else {
-            store::mailbox::count_for_devices(conn, dest)?
-        };
-        Ok::<_, ApiError>((devices, depth))
-    })
-    .await?;
-    if devices.is_empty() {
-        return Err(ApiError::NotFound("no such account"));
-    }
-    let current: BTreeMap<u32, i64> = devices
-        .iter()
-        .map(|d| {
-            (
-                DeviceId::from_db(d.device_id).0,
-                i64::from(d.registration_id),
-            )
-        })
-        .collect();
+    // The mailbox cap is enforced where copies are committed (the mailbox
+    // writer), so the only lookup here is the (cached) device set.
+    let current = state
+        .directory
+        .devices(&state.pool, dest)
+        .await?
+        .ok_or(ApiError::NotFound("no such account"))?;
     let requested: Vec<(u32, i64)> = copies
         .iter()
         .map(|c| (c.device.0, c.registration_id))
@@ -168,10 +153,6 @@ pub async fn prepare(
         }
         DeviceSetError::Stale { stale } => ApiError::StaleDevices { stale },
     })?;
-    let cap = i64::try_from(state.config.mailbox_max_messages).unwrap_or(i64::MAX);
-    if depth.iter().any(|(_, n)| *n >= cap) {
-        return Err(ApiError::MailboxFull);
-    }
     Ok(Prepared {
         sender,
         dest,

@@ -3,5 +3,6 @@
 //! function returns the SPEC's answer or an `ApiError`.
 
 pub mod accounts;
+pub mod directory;
 pub mod keys;
 pub mod messaging;
