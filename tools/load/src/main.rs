@@ -22,6 +22,7 @@ mod connections;
 mod relay;
 mod server;
 mod smoke;
+mod soak;
 mod spill;
 mod stats;
 
@@ -89,6 +90,8 @@ enum Scenario {
     },
     /// Mailbox commits with offline recipients, then the drain.
     Spill(spill::SpillArgs),
+    /// Steady relay with connection churn for a set time; server memory must stay flat.
+    Soak(soak::SoakArgs),
     /// Prekey bundle fetches; fails if a one-time key is handed out twice.
     Bundles(bundles::BundlesArgs),
     /// Idle authenticated WebSockets: connect time and server RSS per connection.
@@ -152,6 +155,7 @@ fn scenario_name(s: &Scenario) -> &'static str {
     match s {
         Scenario::Relay { .. } => "relay",
         Scenario::Spill(_) => "spill",
+        Scenario::Soak(_) => "soak",
         Scenario::Bundles(_) => "bundles",
         Scenario::Connections(_) => "connections",
         Scenario::Ceiling { .. } => "ceiling",
@@ -261,6 +265,7 @@ async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report
         Scenario::Spill(args) => {
             vec![spill::run(&courier.base(), courier.addr, args, quiet).await?]
         }
+        Scenario::Soak(args) => vec![soak::run(courier, args, quiet).await?],
         Scenario::Bundles(args) => vec![bundles::run(&courier.base(), args, quiet).await?],
         Scenario::Connections(args) => vec![connections::run(courier, args, quiet).await?],
         Scenario::Smoke { vectors } => smoke::run(courier, vectors.clone(), quiet).await,

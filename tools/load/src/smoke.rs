@@ -1,12 +1,14 @@
 //! `smoke`: every courier scenario at a small size, in a few seconds, for
 //! CI. It asserts completion and correctness only (nothing lost or out of
 //! order, every spilled message drained, no one-time prekey handed out
-//! twice, every connection up); the figures are printed but not judged.
+//! twice, every connection up, soak memory bounded); the figures are
+//! printed but not judged.
 
 use crate::bundles::{self, BundlesArgs};
 use crate::connections::{self, ConnectionsArgs};
 use crate::relay::{self, RelayArgs, Target};
 use crate::server::Courier;
+use crate::soak::{self, SoakArgs};
 use crate::spill::{self, SpillArgs};
 use crate::stats::Report;
 
@@ -79,6 +81,21 @@ pub async fn run(server: &Courier, vectors: std::path::PathBuf, quiet: bool) -> 
         connections::run(server, &connections_args, quiet)
             .await
             .unwrap_or_else(|e| failed("connections", e)),
+    );
+
+    let soak_args = SoakArgs {
+        pairs: 4,
+        rate: 500.0,
+        duration: 2.0,
+        window: 1.0,
+        churn: 10,
+        size: 256,
+        max_growth_mib: 64,
+    };
+    reports.push(
+        soak::run(server, &soak_args, quiet)
+            .await
+            .unwrap_or_else(|e| failed("soak", e)),
     );
     reports
 }
