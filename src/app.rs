@@ -20,6 +20,7 @@ use crate::actors::sweeper::Sweeper;
 use crate::config::Config;
 use crate::limits::Limiters;
 use crate::metrics::Metrics;
+use crate::service::credentials::Credentials;
 use crate::service::directory::Directory;
 use crate::state::AppState;
 use crate::{http, store, systemd};
@@ -84,6 +85,7 @@ pub async fn run(
         limits: Limiters::new(&config, metrics.clone()),
         metrics,
         directory: Directory::new(config.device_cache_ttl()),
+        credentials: Credentials::new(config.device_cache_ttl()),
         draining: AtomicBool::new(false),
     });
     let _sweeper = Sweeper::new(state.clone()).start();

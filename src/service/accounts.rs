@@ -169,6 +169,7 @@ pub async fn delete_device(
         return Err(ApiError::NotFound("no such device"));
     }
     state.directory.invalidate(device.account);
+    state.credentials.forget_device(victim);
     state.router.do_send(CloseDevices {
         account: device.account,
         device: Some(target),
@@ -189,6 +190,7 @@ pub async fn delete_account(state: &State, device: Address) -> Result<(), ApiErr
     })
     .await?;
     state.directory.invalidate(device.account);
+    state.credentials.forget_account(device.account);
     state.router.do_send(CloseDevices {
         account: device.account,
         device: None,
@@ -206,25 +208,45 @@ pub async fn authenticate(
     address: Address,
     password: String,
 ) -> Result<Address, ApiError> {
-    let ok = store::blocking(&state.pool, move |conn| {
-        let Some(stored) = store::accounts::find_secret(conn, address)? else {
+    let stored = match state.credentials.get(address) {
+        Some(stored) => Some(stored),
+        None => {
+            let found = store::blocking(&state.pool, move |conn| {
+                store::accounts::find_secret(conn, address).map_err(ApiError::from)
+            })
+            .await?;
+            if let Some(stored) = &found {
+                state.credentials.put(address, stored.clone());
+            }
+            found
+        }
+    };
+    // Salted SHA-256 of a short secret: microseconds, fine on the executor.
+    let ok = match &stored {
+        Some(stored) => secret::verify_secret(&stored.salt, &stored.hash, &password),
+        None => {
             secret::verify_against_nothing(&password);
-            return Ok::<bool, ApiError>(false);
-        };
-        if !secret::verify_secret(&stored.salt, &stored.hash, &password) {
-            return Ok(false);
+            false
         }
-        let now = store::now_ms();
-        if now - stored.last_seen_at > LAST_SEEN_GRANULARITY_MS {
-            store::accounts::touch_device(conn, address, now)?;
-        }
-        Ok(true)
-    })
-    .await?;
-    if ok {
-        Ok(address)
-    } else {
+    };
+    if !ok {
         state.limits.auth_failure(ip)?;
-        Err(ApiError::Unauthorized)
+        return Err(ApiError::Unauthorized);
     }
+    let now = store::now_ms();
+    if stored.is_some_and(|s| now - s.last_seen_at > LAST_SEEN_GRANULARITY_MS) {
+        state.credentials.seen(address, now);
+        // Best effort, off the request's path: a failure only delays lastSeenAt.
+        let pool = state.pool.clone();
+        actix_web::rt::spawn(async move {
+            let touched = store::blocking(&pool, move |conn| {
+                store::accounts::touch_device(conn, address, now).map_err(ApiError::from)
+            })
+            .await;
+            if touched.is_err() {
+                log::warn!("{address}: could not record lastSeenAt");
+            }
+        });
+    }
+    Ok(address)
 }

@@ -3,6 +3,7 @@
 //! function returns the SPEC's answer or an `ApiError`.
 
 pub mod accounts;
+pub mod credentials;
 pub mod directory;
 pub mod keys;
 pub mod messaging;
