@@ -152,6 +152,12 @@ pub type PooledConn = r2d2::PooledConnection<Manager>;
 /// Opens the pool. For SQLite the file is created on first start.
 pub fn open_pool(database_url: &str, size: u32) -> Result<Pool, StoreError> {
     let backend = Backend::from_url(database_url)?;
+    if let Backend::Sqlite(_) = backend {
+        // Switch the file to WAL once, alone: the pool then opens its
+        // connections concurrently, and a journal-mode change racing them
+        // fails with "database is locked" whatever the busy timeout.
+        drop(Manager::new(backend.clone()).connect()?);
+    }
     let pool = r2d2::Pool::builder()
         .max_size(size)
         .connection_timeout(Duration::from_secs(10))
