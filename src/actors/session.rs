@@ -179,6 +179,9 @@ pub struct DeviceSession {
     bad_frames: u32,
     /// A text message arriving in fragments.
     fragments: Option<Vec<u8>>,
+    /// The rest of a refused fragmented message is skipped, so one bad
+    /// message earns one error frame, not one per fragment.
+    skipping_fragments: bool,
 }
 
 impl DeviceSession {
@@ -197,6 +200,7 @@ impl DeviceSession {
             settled: None,
             bad_frames: 0,
             fragments: None,
+            skipping_fragments: false,
         }
     }
 
@@ -568,10 +572,19 @@ impl DeviceSession {
     fn on_fragment(&mut self, item: actix_http::ws::Item, ctx: &mut ws::WebsocketContext<Self>) {
         let last = matches!(item, actix_http::ws::Item::Last(_));
         match item {
-            actix_http::ws::Item::FirstText(b) => self.fragments = Some(b.to_vec()),
+            actix_http::ws::Item::FirstText(b) => {
+                self.skipping_fragments = false;
+                self.fragments = Some(b.to_vec());
+            }
             actix_http::ws::Item::FirstBinary(_) => {
                 self.fragments = None;
+                self.skipping_fragments = !last;
                 self.bad_frame("frames are JSON text", ctx);
+            }
+            actix_http::ws::Item::Continue(_) | actix_http::ws::Item::Last(_)
+                if self.skipping_fragments =>
+            {
+                self.skipping_fragments = !last;
             }
             actix_http::ws::Item::Continue(b) | actix_http::ws::Item::Last(b) => {
                 let Some(buf) = self.fragments.as_mut() else {
@@ -579,6 +592,7 @@ impl DeviceSession {
                 };
                 if buf.len() + b.len() > MAX_FRAME_BYTES {
                     self.fragments = None;
+                    self.skipping_fragments = !last;
                     return self.bad_frame("message too large", ctx);
                 }
                 buf.extend_from_slice(&b);
