@@ -441,6 +441,44 @@ fn config_command_masks_secrets_and_dist_file_is_the_defaults() {
     );
 }
 
+/// `courier migrate` applies the migrations once and is a no-op after.
+#[test]
+fn migrate_command_applies_pending_migrations_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .arg("migrate")
+            .env("COURIER_DATABASE_URL", &db)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = run();
+    assert!(
+        first.starts_with("applied ") && !first.starts_with("applied 0"),
+        "{first}"
+    );
+    assert_eq!(run().trim(), "applied 0 migrations");
+}
+
+/// A bad configuration stops the server with EX_CONFIG and a clear message.
+#[test]
+fn bad_configuration_exits_78() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .arg("serve")
+        .env("COURIER_ACK_TIMEOUT_MS", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("COURIER_ACK_TIMEOUT_MS"));
+}
+
 #[test]
 fn version_flag_prints_the_version() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
