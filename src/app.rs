@@ -75,7 +75,11 @@ pub async fn run(
     let (writer, _writer_thread) =
         MailboxWriter::start(pool.clone(), metrics.clone(), config.mailbox_max_messages);
     let router = Router::new(writer.clone(), metrics.clone()).start();
-    let keys = KeysActor::start(pool.clone(), config.max_one_time_keys);
+    let key_shards = match store::Backend::from_url(&config.database_url)? {
+        store::Backend::Postgres(_) => crate::actors::keys::PG_SHARDS,
+        store::Backend::Sqlite(_) => 1,
+    };
+    let keys = KeysActor::start(pool.clone(), config.max_one_time_keys, key_shards);
     let state = web::Data::new(AppState {
         config: config.clone(),
         pool,
