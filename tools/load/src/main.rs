@@ -19,6 +19,7 @@ mod bundles;
 mod ceiling;
 mod client;
 mod connections;
+mod flood;
 mod relay;
 mod server;
 mod smoke;
@@ -92,6 +93,8 @@ enum Scenario {
     Spill(spill::SpillArgs),
     /// Steady relay with connection churn for a set time; server memory must stay flat.
     Soak(soak::SoakArgs),
+    /// Ordinary users' latency while others flood sends and oversize messages (rate limits on).
+    Flood(flood::FloodArgs),
     /// Prekey bundle fetches; fails if a one-time key is handed out twice.
     Bundles(bundles::BundlesArgs),
     /// Idle authenticated WebSockets: connect time and server RSS per connection.
@@ -156,6 +159,7 @@ fn scenario_name(s: &Scenario) -> &'static str {
         Scenario::Relay { .. } => "relay",
         Scenario::Spill(_) => "spill",
         Scenario::Soak(_) => "soak",
+        Scenario::Flood(_) => "flood",
         Scenario::Bundles(_) => "bundles",
         Scenario::Connections(_) => "connections",
         Scenario::Ceiling { .. } => "ceiling",
@@ -204,11 +208,23 @@ async fn connect_or_start(cli: &Cli) -> anyhow::Result<Courier> {
         Scenario::Spill(s) => (0, s.messages),
         _ => (0, 0),
     };
+    let mut env = Vec::new();
+    if let Scenario::Flood(f) = &cli.scenario {
+        // The one scenario that needs the limits: it measures them holding.
+        // Registration stays unlimited so the tool can create its accounts.
+        env.push(("COURIER_RATE_LIMITS".into(), "on".into()));
+        env.push((
+            "COURIER_LIMIT_SENDS_PER_ACCOUNT".into(),
+            format!("{}/s", f.send_limit),
+        ));
+        env.push(("COURIER_LIMIT_REGISTER_PER_IP".into(), "1000000/h".into()));
+    }
+    env.extend(cli.server_env.iter().cloned());
     let courier = Courier::start(StartOptions {
         bin,
         database_url: cli.database_url.clone(),
         workers: cli.workers,
-        env: cli.server_env.clone(),
+        env,
         max_one_time_keys: keys.max(100_000),
         mailbox_max_messages: messages.max(1_000_000),
         log_file: cli.server_log.clone(),
@@ -266,6 +282,7 @@ async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report
             vec![spill::run(&courier.base(), courier.addr, args, quiet).await?]
         }
         Scenario::Soak(args) => vec![soak::run(courier, args, quiet).await?],
+        Scenario::Flood(args) => vec![flood::run(courier, args, quiet).await?],
         Scenario::Bundles(args) => vec![bundles::run(&courier.base(), args, quiet).await?],
         Scenario::Connections(args) => vec![connections::run(courier, args, quiet).await?],
         Scenario::Smoke { vectors } => smoke::run(courier, vectors.clone(), quiet).await,
