@@ -205,12 +205,7 @@ impl DeviceSession {
     }
 
     fn push(&mut self, envelope: &Envelope, ctx: &mut ws::WebsocketContext<Self>) {
-        ctx.text(
-            ServerFrame::Message {
-                envelope: envelope.into(),
-            }
-            .to_text(),
-        );
+        ctx.text(wire::message_frame(envelope));
     }
 
     /// Pushes a live copy and starts its ack clock.
@@ -463,11 +458,10 @@ impl Handler<Answered> for DeviceSession {
 }
 
 fn response_frame(id: &serde_json::Number, result: Result<wire::SendResponse, ApiError>) -> String {
-    let (status, body) = match result {
-        Ok(r) => (200, serde_json::to_value(r).unwrap_or_default()),
-        Err(e) => (e.status().as_u16(), e.body()),
-    };
-    ServerFrame::Response { id, status, body }.to_text()
+    match result {
+        Ok(r) => wire::response_frame(id, 200, &r),
+        Err(e) => wire::response_frame(id, e.status().as_u16(), &e.body()),
+    }
 }
 
 impl Actor for DeviceSession {

@@ -95,12 +95,7 @@ impl FloodTally {
 pub async fn run(server: &Courier, args: &FloodArgs, quiet: bool) -> anyhow::Result<Report> {
     let mut report = Report::new("flood");
     let base = server.base();
-    let target = Target {
-        name: "courier",
-        addr: server.addr,
-        http_base: Some(base.clone()),
-        has_mailbox: true,
-    };
+    let target = Target::courier(server);
     let pairs = make_pairs(&target, args.pairs, quiet).await?;
     let abusers = client::register_many(&base, args.flooders + 1, 16, None).await?;
     let (sink, flooders) = abusers.split_first().context("no sink account")?;

@@ -242,12 +242,7 @@ async fn connect_or_start(cli: &Cli) -> anyhow::Result<Courier> {
 
 async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report>> {
     let quiet = cli.quiet;
-    let target = Target {
-        name: "courier",
-        addr: courier.addr,
-        http_base: Some(courier.base()),
-        has_mailbox: true,
-    };
+    let target = Target::courier(courier);
     Ok(match &cli.scenario {
         Scenario::Relay {
             args,

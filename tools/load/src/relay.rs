@@ -92,6 +92,18 @@ pub struct Target {
     pub has_mailbox: bool,
 }
 
+impl Target {
+    /// A courier server (registration over HTTP, a mailbox behind it).
+    pub fn courier(server: &crate::server::Courier) -> Target {
+        Target {
+            name: "courier",
+            addr: server.addr,
+            http_base: Some(server.base()),
+            has_mailbox: true,
+        }
+    }
+}
+
 /// A sender and the receiver it sends to.
 #[derive(Clone, Debug)]
 pub struct Pair {

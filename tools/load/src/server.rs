@@ -141,6 +141,8 @@ impl Courier {
                 opts.mailbox_max_messages.to_string(),
             )
             .env_remove("COURIER_CONFIG")
+            // The test suite's variable, not a server setting (the server would warn).
+            .env_remove("COURIER_TEST_POSTGRES_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

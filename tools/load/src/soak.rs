@@ -47,12 +47,7 @@ pub struct SoakArgs {
 pub async fn run(server: &Courier, args: &SoakArgs, quiet: bool) -> anyhow::Result<Report> {
     let mut report = Report::new("soak");
     let base = server.base();
-    let target = Target {
-        name: "courier",
-        addr: server.addr,
-        http_base: Some(base.clone()),
-        has_mailbox: true,
-    };
+    let target = Target::courier(server);
     let pairs = make_pairs(&target, args.pairs, quiet).await?;
     let churners = client::register_many(&base, args.churn, 16, None).await?;
     let windows = (args.duration / args.window).ceil().max(2.0) as usize;
