@@ -144,6 +144,59 @@ async fn floods_and_oversize_sends_do_not_starve_others(backend: Backend) {
     );
 }
 
+/// A WebSocket client that pipelines sends past its limit is answered `429`
+/// for each and slowed down (the server pauses reading it), but never
+/// disconnected: every send is answered, and the same connection still
+/// receives and acknowledges live messages afterwards.
+async fn a_rate_limited_websocket_sender_is_slowed_not_dropped(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| {
+        c.rate_limits = true;
+        c.limits.sends_per_account = "5/min".parse().unwrap();
+    })
+    .await;
+    let flooder = TestDevice::register(&server).await;
+    let target = TestDevice::register(&server).await;
+    let friend = TestDevice::register(&server).await;
+    let mut ws = flooder.connect().await;
+    ws.drain_queue().await;
+
+    for id in 0..50u64 {
+        let mut frame = send_body(&[target.target()], b"spam", false);
+        frame["op"] = json!("send");
+        frame["id"] = json!(id);
+        frame["destination"] = json!(target.uuid);
+        ws.send_json(&frame).await;
+    }
+    let mut statuses = std::collections::BTreeMap::<u64, u64>::new();
+    let mut answered = std::collections::BTreeSet::new();
+    while answered.len() < 50 {
+        let v = ws.next_json().await;
+        if v["op"] == "response" {
+            assert!(
+                answered.insert(v["id"].as_u64().unwrap()),
+                "answered twice: {v}"
+            );
+            *statuses.entry(v["status"].as_u64().unwrap()).or_default() += 1;
+            if v["status"] == 429 {
+                assert_eq!(v["body"]["error"], "rate_limited", "{v}");
+            }
+        }
+    }
+    assert_eq!(statuses.get(&200), Some(&5), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&45), "{statuses:?}");
+
+    // Still connected, still served: a message to the flooder arrives live.
+    let answer = {
+        let (friend, uuid, dest) = (friend.clone(), flooder.uuid.clone(), flooder.target());
+        tokio::spawn(async move { friend.send(&uuid, &[dest], b"still there?").await })
+    };
+    let (pushed, _) = ws.until_op("message").await;
+    ws.ack(pushed["envelope"]["guid"].as_str().unwrap()).await;
+    let (status, body) = answer.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"][0]["status"], "delivered", "{body}");
+}
+
 /// A body over the endpoint's limit is refused with 413 and the SPEC body,
 /// before it is parsed.
 async fn oversize_bodies_are_413(backend: Backend) {
@@ -176,5 +229,6 @@ async fn oversize_bodies_are_413(backend: Backend) {
 backends!(
     one_account_cannot_drain_another_users_one_time_keys,
     floods_and_oversize_sends_do_not_starve_others,
+    a_rate_limited_websocket_sender_is_slowed_not_dropped,
     oversize_bodies_are_413,
 );

@@ -101,12 +101,22 @@ struct Pending {
     reply: Option<RouteReply>,
 }
 
+/// How long a connection's frames go unread after one of its sends was
+/// refused by the rate limit. Without it a client that ignores `429` keeps
+/// the server answering refusals as fast as it can write them (~160,000 a
+/// second on two cores in `courier-load flood`), and everyone else pays in
+/// latency. Short enough that a well-behaved client's acks still arrive
+/// long before its copies' ack timeout.
+const RATE_LIMITED_PAUSE: Duration = Duration::from_millis(100);
+
 /// Counts a connection's unanswered sends and pauses reading its frames
-/// while the count is at the limit (SPEC: backpressure, not errors).
+/// while the count is at the limit (SPEC: backpressure, not errors), or for
+/// a moment after a rate-limited send.
 pub struct InflightGate {
     count: Cell<usize>,
     max: usize,
     waker: RefCell<Option<Waker>>,
+    paused_until: Cell<Option<Instant>>,
 }
 
 impl InflightGate {
@@ -115,7 +125,16 @@ impl InflightGate {
             count: Cell::new(0),
             max,
             waker: RefCell::new(None),
+            paused_until: Cell::new(None),
         })
+    }
+
+    /// Stops reading frames for `d` from now (or longer, if already paused).
+    fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        if self.paused_until.get().is_none_or(|t| t < until) {
+            self.paused_until.set(Some(until));
+        }
     }
 
     fn acquire(&self) {
@@ -136,11 +155,17 @@ impl InflightGate {
 pub struct GatedStream<S> {
     inner: S,
     gate: Rc<InflightGate>,
+    /// The timer of a pause (see [`InflightGate::pause`]).
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> GatedStream<S> {
     pub fn new(inner: S, gate: Rc<InflightGate>) -> Self {
-        GatedStream { inner, gate }
+        GatedStream {
+            inner,
+            gate,
+            sleep: None,
+        }
     }
 }
 
@@ -151,6 +176,20 @@ where
     type Item = Result<Bytes, E>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(until) = self.gate.paused_until.get() {
+            let deadline = tokio::time::Instant::from_std(until);
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
+            if std::future::Future::poll(sleep.as_mut(), cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.sleep = None;
+            self.gate.paused_until.set(None);
+        }
         if self.gate.count.get() >= self.gate.max {
             *self.gate.waker.borrow_mut() = Some(cx.waker().clone());
             return Poll::Pending;
@@ -435,6 +474,9 @@ impl DeviceSession {
         let session = ctx.address();
         actix::spawn(async move {
             let result = work.await;
+            if let Err(ApiError::RateLimited { .. }) = result {
+                gate.pause(RATE_LIMITED_PAUSE);
+            }
             gate.release();
             session.do_send(Answered { id, result });
         });
