@@ -179,6 +179,15 @@ impl Answer {
         }
     }
 
+    /// Whether the request failed (not: was refused).
+    fn failed(&self) -> bool {
+        match self {
+            Answer::Store(_, r) => r.is_err(),
+            Answer::Count(_, r) => r.is_err(),
+            Answer::Take(_, r) => r.is_err(),
+        }
+    }
+
     /// The batch did not commit: whatever was computed is void.
     fn fail(self, why: &str) {
         log::error!("keys request failed: {why}");
@@ -206,28 +215,20 @@ fn serve_batch(
         }
     };
     let mut answers = Vec::with_capacity(requests.len());
+    let mut rest = requests.into_iter();
     let committed = store::write_batch(&mut conn, |conn| {
-        for request in requests {
-            // Each store function opens its own (nested) transaction: a
-            // refused or failed request rolls back alone.
-            answers.push(match request {
-                KeysRequest::Store {
-                    address,
-                    keys,
-                    reply,
-                } => Answer::Store(
-                    reply,
-                    store::keys::store_keys(conn, address, &keys, max_one_time_keys),
-                ),
-                KeysRequest::Count { address, reply } => {
-                    Answer::Count(reply, store::keys::count_one_time_keys(conn, address))
-                }
-                KeysRequest::Take {
-                    account,
-                    device,
-                    reply,
-                } => Answer::Take(reply, store::keys::take_bundle(conn, account, device)),
-            });
+        for request in rest.by_ref() {
+            // Uploads open their own (nested) transaction, so a refused one
+            // rolls back alone. A request that FAILS fails the batch: on
+            // PostgreSQL a failed statement outside a savepoint (a bundle
+            // fetch has none) aborts the whole transaction, so nothing of the
+            // batch can be committed, and nobody may be told otherwise.
+            let answer = run_one(conn, max_one_time_keys, request);
+            let failed = answer.failed();
+            answers.push(answer);
+            if failed {
+                return Err(StoreError::Stopped("keys batch (a request in it failed)"));
+            }
         }
         Ok(())
     });
@@ -236,10 +237,33 @@ fn serve_batch(
         Err(e) => {
             let why = e.to_string();
             answers.into_iter().for_each(|a| a.fail(&why));
+            rest.for_each(|r| answer_without_running(r).fail(&why));
             return Err(e);
         }
     }
     Ok(())
+}
+
+/// Runs one request inside the batch's transaction.
+fn run_one(conn: &mut store::Conn, max_one_time_keys: u64, request: KeysRequest) -> Answer {
+    match request {
+        KeysRequest::Store {
+            address,
+            keys,
+            reply,
+        } => Answer::Store(
+            reply,
+            store::keys::store_keys(conn, address, &keys, max_one_time_keys),
+        ),
+        KeysRequest::Count { address, reply } => {
+            Answer::Count(reply, store::keys::count_one_time_keys(conn, address))
+        }
+        KeysRequest::Take {
+            account,
+            device,
+            reply,
+        } => Answer::Take(reply, store::keys::take_bundle(conn, account, device)),
+    }
 }
 
 fn answer_without_running(request: KeysRequest) -> Answer {

@@ -413,8 +413,10 @@ pub fn take_bundle(
     let bundle = match conn {
         // One statement, atomic alone, so no savepoint (two more round
         // trips, ~15% of the throughput). Should it fail, PostgreSQL aborts
-        // the keys actor's whole batch: every request in it is answered
-        // with an error and, as nothing committed, no key was handed out.
+        // the transaction: the keys actor then fails its whole batch and
+        // `store::write_batch` refuses to report an aborted transaction as
+        // committed, so every request in it is answered with an error and
+        // no key was handed out.
         Conn::Pg(c) => take_bundle_pg(c, &id, device)?,
         Conn::Sqlite(c) => c.transaction::<_, StoreError, _>(|c| {
             take_bundle_tx!(c, &id, device, TAKE_EC_SQLITE, TAKE_PQ_SQLITE)

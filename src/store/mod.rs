@@ -210,7 +210,20 @@ pub fn write_batch<T>(
         Conn::Pg(c) => AnsiTransactionManager::begin_transaction(c)?,
         Conn::Sqlite(c) => AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?,
     }
-    let result = f(conn);
+    let mut result = f(conn);
+    if result.is_ok() {
+        if let Conn::Pg(c) = conn {
+            // After a failed statement outside a savepoint PostgreSQL has
+            // aborted the transaction, and COMMIT then rolls back while
+            // reporting success. Ask before committing: on an aborted
+            // transaction any statement fails, and the batch must be
+            // reported as failed, or its callers would be told of writes
+            // (a handed-out key, a stored upload) that were undone.
+            if let Err(e) = c.batch_execute("SELECT 1") {
+                result = Err(StoreError::Query(e));
+            }
+        }
+    }
     let end = match &result {
         Ok(_) => with_conn!(conn, c => AnsiTransactionManager::commit_transaction(c)),
         Err(_) => with_conn!(conn, c => AnsiTransactionManager::rollback_transaction(c)),

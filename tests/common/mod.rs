@@ -21,6 +21,8 @@ use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
 use tokio::sync::oneshot;
 
+// Not every test binary talks to a server (tests/store.rs does not).
+#[allow(unused_imports)]
 pub use client::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,74 @@
+//! The store's batch transaction (`store::write_batch`, which the keys actor
+//! group-commits through), against the real databases.
+
+mod common;
+
+use common::*;
+use courier::store::{self, Conn, StoreError};
+use diesel::connection::SimpleConnection;
+use diesel::sql_types::BigInt;
+use diesel::{QueryableByName, RunQueryDsl};
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+fn exec(conn: &mut Conn, sql: &str) -> Result<(), diesel::result::Error> {
+    match conn {
+        Conn::Pg(c) => c.batch_execute(sql),
+        Conn::Sqlite(c) => c.batch_execute(sql),
+    }
+}
+
+fn rows(conn: &mut Conn) -> i64 {
+    let q = diesel::sql_query("SELECT COUNT(*) AS n FROM scratch");
+    match conn {
+        Conn::Pg(c) => q.get_result::<Count>(c).unwrap().n,
+        Conn::Sqlite(c) => q.get_result::<Count>(c).unwrap().n,
+    }
+}
+
+/// A batch in which one statement failed (its error kept as one request's
+/// answer, as the keys actor does) must never be reported committed while
+/// its writes were undone. On PostgreSQL the failure aborts the transaction
+/// and COMMIT silently rolls back: were that reported as success, a bundle
+/// fetch answered earlier in the batch would hand out a key that is still
+/// there, to be handed out again.
+async fn a_batch_is_never_reported_committed_when_it_was_not(backend: Backend) {
+    let db = Database::fresh(backend);
+    let url = db.url();
+    tokio::task::spawn_blocking(move || {
+        let manager = store::Manager::new(store::Backend::from_url(&url).unwrap());
+        let mut conn = manager.connect().unwrap();
+        exec(&mut conn, "CREATE TABLE scratch (x INTEGER)").unwrap();
+        exec(&mut conn, "INSERT INTO scratch VALUES (1)").unwrap();
+
+        let reported = store::write_batch(&mut conn, |conn| {
+            exec(conn, "DELETE FROM scratch").map_err(StoreError::Query)?;
+            let failed = exec(conn, "SELECT * FROM no_such_table");
+            assert!(failed.is_err());
+            Ok(())
+        });
+        let left = rows(&mut conn);
+        match reported {
+            Ok(()) => assert_eq!(left, 0, "reported committed, but the delete was undone"),
+            Err(_) => assert_eq!(left, 1, "reported failed, but the delete was kept"),
+        }
+        if backend == Backend::Postgres {
+            assert!(
+                reported.is_err(),
+                "an aborted transaction reported as committed"
+            );
+        }
+        // The connection is usable afterwards.
+        exec(&mut conn, "DELETE FROM scratch").unwrap();
+        assert_eq!(rows(&mut conn), 0);
+    })
+    .await
+    .unwrap();
+    drop(db);
+}
+
+backends!(a_batch_is_never_reported_committed_when_it_was_not);
