@@ -1,11 +1,12 @@
-//! `KeysActor`: owns every prekey read and write, on one dedicated thread,
+//! `KeysActor`: owns every prekey read and write, on a dedicated thread,
 //! so bundle fetches are serialised in this process and never contend for
 //! the same one-time key.
 //!
 //! It is an actor in the plain sense (private state, one mailbox, one
 //! message at a time) but not an actix `SyncArbiter` one: it takes every
-//! request queued at that moment and runs them in ONE transaction, each in
-//! its own savepoint, then answers them all after the commit. On SQLite with
+//! request queued at that moment and runs them in ONE transaction (uploads
+//! each in a savepoint, so a refused one rolls back alone), then answers
+//! them all after the commit. A request that fails fails the batch. On SQLite with
 //! `synchronous=FULL` a commit costs an fsync (~3 ms on this class of disk),
 //! so one transaction per fetch would cap bundles at a few hundred a second;
 //! group commit pays that once per batch. Nobody is answered before the
