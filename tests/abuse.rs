@@ -161,11 +161,14 @@ async fn a_rate_limited_websocket_sender_is_slowed_not_dropped(backend: Backend)
     ws.drain_queue().await;
 
     for id in 0..50u64 {
-        let mut frame = send_body(&[target.target()], b"spam", false);
-        frame["op"] = json!("send");
-        frame["id"] = json!(id);
-        frame["destination"] = json!(target.uuid);
-        ws.send_json(&frame).await;
+        ws.send_json(&send_frame(
+            id,
+            &target.uuid,
+            &[target.target()],
+            b"spam",
+            false,
+        ))
+        .await;
     }
     let mut statuses = std::collections::BTreeMap::<u64, u64>::new();
     let mut answered = std::collections::BTreeSet::new();

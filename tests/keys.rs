@@ -423,7 +423,7 @@ async fn malformed_key_material_is_422(backend: Backend) {
         cases.push((what, valid_with(0, keys)));
     }
     let mut identity_type = valid(0);
-    let mut raw = base64_decode(valid(0)["identityKey"].as_str().unwrap());
+    let mut raw = unb64(valid(0)["identityKey"].as_str().unwrap());
     raw[0] = 0x06;
     identity_type["identityKey"] = json!(b64(&raw));
     cases.push(("identityKey type 0x06", identity_type));
@@ -445,7 +445,7 @@ async fn malformed_key_material_is_422(backend: Backend) {
     ec_as_kyber["pqLastResortPreKey"]["publicKey"] = json!(ec_key(1));
     cases.push(("pqLastResortPreKey is an EC key", ec_as_kyber));
     let mut kyber_type = valid(0);
-    let mut raw = base64_decode(kyber_as_ec.as_str().unwrap());
+    let mut raw = unb64(kyber_as_ec.as_str().unwrap());
     raw[0] = 0x05;
     kyber_type["pqLastResortPreKey"]["publicKey"] = json!(b64(&raw));
     cases.push(("pqLastResortPreKey type 0x05", kyber_type));
@@ -464,14 +464,6 @@ async fn malformed_key_material_is_422(backend: Backend) {
     let (status, _) = fetch(&fetcher, &owner.uuid, "1").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(owner.upload_vector(0).await, StatusCode::NO_CONTENT);
-}
-
-/// Standard base64 decoding for building variants of vector keys.
-fn base64_decode(s: &str) -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .expect("vector is base64")
 }
 
 async fn malformed_json_is_400_with_error_body(backend: Backend) {

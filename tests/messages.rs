@@ -4,124 +4,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::Duration;
 
 use common::*;
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
-
-/// The `timestamp` every `send_body` carries.
-const TIMESTAMP: i64 = 1_700_000_000_000;
-
-/// Fails the test instead of hanging on a broken server.
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(15), f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-/// `deviceId → (guid, status)` from a `200 {results}` body, asserting its shape.
-fn results(body: &Value) -> BTreeMap<u64, (String, String)> {
-    let list = body["results"].as_array().expect("results array");
-    let map: BTreeMap<u64, (String, String)> = list
-        .iter()
-        .map(|r| {
-            let guid = r["guid"].as_str().expect("guid").to_owned();
-            assert!(uuid_shaped(&guid), "guid {guid} is not a UUID string");
-            (
-                r["deviceId"].as_u64().expect("deviceId"),
-                (guid, r["status"].as_str().expect("status").to_owned()),
-            )
-        })
-        .collect();
-    assert_eq!(map.len(), list.len(), "one result per device: {body}");
-    map
-}
-
-fn uuid_shaped(s: &str) -> bool {
-    s.len() == 36
-        && s.char_indices().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        })
-}
-
-/// `GET /v1/messages` as `d`: `(envelopes, more)`.
-async fn mailbox(d: &TestDevice) -> (Vec<Value>, bool) {
-    let (status, body) = d.request(Method::GET, "/v1/messages", None).await;
-    assert_eq!(status, StatusCode::OK, "GET /v1/messages: {body}");
-    (
-        body["messages"].as_array().expect("messages array").clone(),
-        body["more"].as_bool().expect("more flag"),
-    )
-}
-
-/// The mailbox of `d` becomes empty (acks are committed asynchronously).
-async fn mailbox_empties(d: &TestDevice) {
-    for _ in 0..250 {
-        if mailbox(d).await.0.is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!(
-        "mailbox of {} never emptied: {:?}",
-        d.login(),
-        mailbox(d).await
-    );
-}
-
-/// Connects and reads up to `queue-empty`, asserting nothing was stored.
-async fn connect_empty(d: &TestDevice) -> Ws {
-    let mut ws = d.connect().await;
-    let stored = ws.drain_queue().await;
-    assert!(stored.is_empty(), "unexpected stored messages: {stored:?}");
-    ws
-}
-
-/// Nothing at all arrives on `ws` for `wait` (no message frame, no close).
-async fn assert_silent(ws: &mut Ws, wait: Duration) {
-    if let Some(frame) = ws.next_within(wait).await {
-        panic!("expected no frame, got {frame:?}");
-    }
-}
-
-/// A frame round trip: the server handles a connection's frames in order, so
-/// once this answer is back every frame sent before it (acks too) was handled.
-async fn round_trip(ws: &mut Ws) -> Vec<Value> {
-    // A send frame without destination or body: answered 400 at once.
-    ws.send_json(&json!({"op": "send", "id": 987_654_321u64}))
-        .await;
-    let mut others = Vec::new();
-    loop {
-        let v = ws.next_json().await;
-        if v["op"] == "response" && v["id"] == 987_654_321u64 {
-            assert_eq!(v["status"], 400, "{v}");
-            return others;
-        }
-        others.push(v);
-    }
-}
-
-fn content_of(env: &Value) -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(env["content"].as_str().expect("content"))
-        .expect("content is standard base64")
-}
-
-/// Checks every envelope field against what `sender` sent.
-fn assert_envelope(env: &Value, guid: &str, sender: &TestDevice, content: &[u8]) {
-    assert_eq!(env["guid"], guid, "{env}");
-    assert_eq!(env["source"], sender.uuid.as_str(), "{env}");
-    assert_eq!(env["sourceDevice"], sender.device_id, "{env}");
-    assert_eq!(env["type"], 1, "{env}");
-    assert_eq!(env["timestamp"], TIMESTAMP, "{env}");
-    assert!(env["serverTimestamp"].as_i64().is_some(), "{env}");
-    assert_eq!(env["content"], b64(content), "{env}");
-}
+use serde_json::json;
 
 // ---- mailbox: offline sends, restart, fetch, acknowledge ----
 
@@ -181,7 +68,7 @@ async fn fetch_pages_oldest_first_with_more_flag(backend: Backend) {
         guids.push(results(&body)[&1].0.clone());
     }
 
-    let (page, more) = mailbox(&b).await;
+    let (page, more) = mailbox_page(&b).await;
     assert!(more, "{N} stored, one page shown: more must be true");
     assert!(
         !page.is_empty() && page.len() < N,
@@ -192,7 +79,7 @@ async fn fetch_pages_oldest_first_with_more_flag(backend: Backend) {
         assert_envelope(env, &guids[i], &a, format!("m{i}").as_bytes());
     }
     // Fetching does not consume: the same page again.
-    let (again, _) = mailbox(&b).await;
+    let (again, _) = mailbox_page(&b).await;
     assert_eq!(again, page);
 
     // Acknowledge what was shown; the rest comes next, oldest first.
@@ -204,7 +91,7 @@ async fn fetch_pages_oldest_first_with_more_flag(backend: Backend) {
             .await;
         assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     }
-    let (rest, more) = mailbox(&b).await;
+    let (rest, more) = mailbox_page(&b).await;
     assert!(!more, "the remainder fits one page");
     let rest_guids: Vec<&str> = rest.iter().map(|e| e["guid"].as_str().unwrap()).collect();
     let expected: Vec<&str> = guids[shown..].iter().map(String::as_str).collect();
@@ -247,7 +134,7 @@ async fn delete_acknowledges_once_and_only_own_copies(backend: Backend) {
     assert!(round_trip(&mut ws2).await.is_empty());
     ws2.close().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (m1, _) = mailbox(&b1).await;
+    let (m1, _) = mailbox_page(&b1).await;
     assert_eq!(m1.len(), 1);
     assert_envelope(&m1[0], &g1, &a, b"both");
 
@@ -260,10 +147,10 @@ async fn delete_acknowledges_once_and_only_own_copies(backend: Backend) {
         .request(Method::DELETE, &format!("/v1/messages/{g1}"), None)
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    assert!(mailbox(&b1).await.0.is_empty());
+    assert!(mailbox_page(&b1).await.0.is_empty());
 
     // b2's copy was untouched by all of that.
-    let (m2, _) = mailbox(&b2).await;
+    let (m2, _) = mailbox_page(&b2).await;
     assert_eq!(m2.len(), 1);
     assert_envelope(&m2[0], &g2, &a, b"both");
     let (status, _) = b2
@@ -302,10 +189,10 @@ impl TwoDevices {
     /// Nothing from a refused send reached B: no push, empty mailboxes.
     async fn nothing_delivered(&mut self) {
         assert_silent(&mut self.ws1, Duration::from_millis(400)).await;
-        assert!(mailbox(&self.b2).await.0.is_empty(), "b2 got a copy");
+        assert!(mailbox_page(&self.b2).await.0.is_empty(), "b2 got a copy");
         let others = round_trip(&mut self.ws1).await;
         assert!(others.is_empty(), "b1 got {others:?}");
-        assert!(mailbox(&self.b1).await.0.is_empty(), "b1 got a copy");
+        assert!(mailbox_page(&self.b1).await.0.is_empty(), "b1 got a copy");
     }
 }
 
@@ -346,7 +233,7 @@ async fn extra_device_is_409_and_nothing_delivered(backend: Backend) {
     assert_eq!(body["extraDevices"], json!([2]), "{body}");
     assert_eq!(body["missingDevices"], json!([]), "{body}");
     assert_silent(&mut t.ws1, Duration::from_millis(300)).await;
-    assert!(mailbox(&t.b1).await.0.is_empty());
+    assert!(mailbox_page(&t.b1).await.0.is_empty());
 }
 
 async fn stale_registration_is_410_and_nothing_delivered(backend: Backend) {
@@ -384,8 +271,8 @@ async fn own_account_send_goes_to_other_devices_only(backend: Backend) {
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["missingDevices"], json!([3]), "{body}");
     assert_eq!(body["extraDevices"], json!([]), "{body}");
-    assert!(mailbox(&a2).await.0.is_empty());
-    assert!(mailbox(&a3).await.0.is_empty());
+    assert!(mailbox_page(&a2).await.0.is_empty());
+    assert!(mailbox_page(&a3).await.0.is_empty());
 
     // Every other device: accepted, and the sender's device gets nothing.
     let (status, body) = a1
@@ -395,12 +282,12 @@ async fn own_account_send_goes_to_other_devices_only(backend: Backend) {
     let r = results(&body);
     assert_eq!(r.keys().copied().collect::<Vec<_>>(), vec![2, 3], "{body}");
     for (device, sibling) in [(2, &a2), (3, &a3)] {
-        let (m, _) = mailbox(sibling).await;
+        let (m, _) = mailbox_page(sibling).await;
         assert_eq!(m.len(), 1, "device {device}");
         assert_envelope(&m[0], &r[&device].0, &a1, b"note to self");
     }
     assert_silent(&mut ws1, Duration::from_millis(300)).await;
-    assert!(mailbox(&a1).await.0.is_empty());
+    assert!(mailbox_page(&a1).await.0.is_empty());
 
     // A linked device writing to its own account excludes itself, not device 1.
     let (status, body) = a2
@@ -444,7 +331,7 @@ async fn malformed_sends_are_400(backend: Backend) {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body} → {answer}");
         assert_eq!(answer["error"], "bad_request", "{answer}");
     }
-    assert!(mailbox(&b).await.0.is_empty());
+    assert!(mailbox_page(&b).await.0.is_empty());
     let (status, _) = call(
         Method::PUT,
         &server.url(&path),
@@ -453,7 +340,7 @@ async fn malformed_sends_are_400(backend: Backend) {
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(mailbox(&b).await.0.is_empty());
+    assert!(mailbox_page(&b).await.0.is_empty());
 }
 
 // ---- ephemeral sends ----
@@ -481,7 +368,10 @@ async fn ephemeral_to_offline_device_is_dropped_and_not_stored(backend: Backend)
     assert_envelope(&frame["envelope"], &r[&1].0, &a, b"typing...");
 
     // Never stored: not in the mailbox, not on a later connection.
-    assert!(mailbox(&b2).await.0.is_empty(), "ephemeral copy was stored");
+    assert!(
+        mailbox_page(&b2).await.0.is_empty(),
+        "ephemeral copy was stored"
+    );
     let mut ws2 = b2.connect().await;
     assert_eq!(ws2.next_json().await, json!({"op": "queue-empty"}));
     assert_silent(&mut ws2, Duration::from_millis(300)).await;
@@ -518,7 +408,10 @@ async fn ephemeral_to_connected_device_is_delivered_without_ack(backend: Backend
 
     // Unacked, yet never spilled: nothing stored, nothing on reconnect.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(mailbox(&b).await.0.is_empty(), "ephemeral copy was stored");
+    assert!(
+        mailbox_page(&b).await.0.is_empty(),
+        "ephemeral copy was stored"
+    );
     ws.close().await;
     let mut ws = b.connect().await;
     assert_eq!(ws.next_json().await, json!({"op": "queue-empty"}));
@@ -536,13 +429,13 @@ async fn oversize_content_is_413(backend: Backend) {
         .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     assert_eq!(body["error"], "too_large", "{body}");
-    assert!(mailbox(&b).await.0.is_empty());
+    assert!(mailbox_page(&b).await.0.is_empty());
 
     // Exactly 256 KiB is allowed and arrives intact.
     let max = vec![9u8; 256 * 1024];
     let (status, body) = a.send(&b.uuid, &[b.target()], &max).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (m, _) = mailbox(&b).await;
+    let (m, _) = mailbox_page(&b).await;
     assert_eq!(m.len(), 1);
     assert_eq!(content_of(&m[0]), max);
 }

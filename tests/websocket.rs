@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -18,69 +17,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// The `timestamp` every `send_body` carries.
-const TIMESTAMP: i64 = 1_700_000_000_000;
-
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Fails the test instead of hanging on a broken server.
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(30), f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-/// `deviceId → (guid, status)` from a `200 {results}` body.
-fn results(body: &Value) -> BTreeMap<u64, (String, String)> {
-    let list = body["results"].as_array().expect("results array");
-    let map: BTreeMap<u64, (String, String)> = list
-        .iter()
-        .map(|r| {
-            (
-                r["deviceId"].as_u64().expect("deviceId"),
-                (
-                    r["guid"].as_str().expect("guid").to_owned(),
-                    r["status"].as_str().expect("status").to_owned(),
-                ),
-            )
-        })
-        .collect();
-    assert_eq!(map.len(), list.len(), "one result per device: {body}");
-    map
-}
-
-/// `GET /v1/messages` as `d`.
-async fn mailbox(d: &TestDevice) -> Vec<Value> {
-    let (status, body) = d.request(Method::GET, "/v1/messages", None).await;
-    assert_eq!(status, StatusCode::OK, "GET /v1/messages: {body}");
-    body["messages"].as_array().expect("messages").clone()
-}
-
-fn guids(envelopes: &[Value]) -> Vec<String> {
-    envelopes
-        .iter()
-        .map(|e| e["guid"].as_str().expect("guid").to_owned())
-        .collect()
-}
-
-/// The mailbox of `d` becomes empty (acks are committed asynchronously).
-async fn mailbox_empties(d: &TestDevice) {
-    for _ in 0..250 {
-        if mailbox(d).await.is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("mailbox of {} never emptied", d.login());
-}
-
-/// Connects and reads up to `queue-empty`, asserting nothing was stored.
-async fn connect_empty(d: &TestDevice) -> Ws {
-    let mut ws = d.connect().await;
-    let stored = ws.drain_queue().await;
-    assert!(stored.is_empty(), "unexpected stored messages: {stored:?}");
-    ws
-}
 
 /// A new connection that has nothing at all waiting for it.
 async fn assert_nothing_waiting(d: &TestDevice) {
@@ -90,69 +27,9 @@ async fn assert_nothing_waiting(d: &TestDevice) {
     ws.close().await;
 }
 
-/// Nothing at all arrives on `ws` for `wait` (no message frame, no close).
-async fn assert_silent(ws: &mut Ws, wait: Duration) {
-    if let Some(frame) = ws.next_within(wait).await {
-        panic!("expected no frame, got {frame:?}");
-    }
-}
-
-/// A frame round trip: the server handles a connection's frames in order, so
-/// once this answer is back every frame sent before it (acks too) was
-/// handled. Returns the frames that arrived meanwhile.
-async fn round_trip(ws: &mut Ws) -> Vec<Value> {
-    // A send frame without destination or body: answered 400 at once.
-    ws.send_json(&json!({"op": "send", "id": 987_654_321u64}))
-        .await;
-    let mut others = Vec::new();
-    loop {
-        let v = ws.next_json().await;
-        if v["op"] == "response" && v["id"] == 987_654_321u64 {
-            assert_eq!(v["status"], 400, "{v}");
-            return others;
-        }
-        others.push(v);
-    }
-}
-
-fn decode(env: &Value) -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(env["content"].as_str().expect("content"))
-        .expect("content is standard base64")
-}
-
-/// Checks every envelope field against what `sender` sent.
-fn assert_envelope(env: &Value, guid: &str, sender: &TestDevice, content: &[u8]) {
-    assert_eq!(env["guid"], guid, "{env}");
-    assert_eq!(env["source"], sender.uuid.as_str(), "{env}");
-    assert_eq!(env["sourceDevice"], sender.device_id, "{env}");
-    assert_eq!(env["type"], 1, "{env}");
-    assert_eq!(env["timestamp"], TIMESTAMP, "{env}");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    let server_ts = env["serverTimestamp"].as_i64().expect("serverTimestamp");
-    assert!(
-        (now - 600_000..=now + 60_000).contains(&server_ts),
-        "serverTimestamp {server_ts} is not ms since the epoch near {now}"
-    );
-    assert_eq!(env["content"], b64(content), "{env}");
-}
-
-/// A `send` frame.
-fn send_frame(id: u64, dest: &str, copies: &[(u32, i64)], content: &[u8], online: bool) -> Value {
-    let mut frame = send_body(copies, content, online);
-    frame["op"] = json!("send");
-    frame["id"] = json!(id);
-    frame["destination"] = json!(dest);
-    frame
-}
-
 /// The sequence number a pipelined message carries in its content.
 fn seq_of(env: &Value) -> usize {
-    let text = String::from_utf8(decode(env)).expect("utf-8 content");
+    let text = String::from_utf8(content_of(env)).expect("utf-8 content");
     text.strip_prefix("seq:")
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("unexpected content {text:?}"))
@@ -758,7 +635,7 @@ async fn oversize_content_over_ws_is_413_response(backend: Backend) {
     ws.send_json(&send_frame(2, &b.uuid, &[b.target()], &max, false))
         .await;
     let (m, _) = ws_b.until_op("message").await;
-    assert_eq!(decode(&m["envelope"]), max);
+    assert_eq!(content_of(&m["envelope"]), max);
     ws_b.ack(m["envelope"]["guid"].as_str().unwrap()).await;
     let (r, _) = ws.until_op("response").await;
     assert_eq!(r["id"], 2);

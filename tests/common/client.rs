@@ -29,6 +29,11 @@ pub fn b64(bytes: &[u8]) -> String {
     STANDARD.encode(bytes)
 }
 
+/// Standard base64 decoding; panics on anything else.
+pub fn unb64(s: &str) -> Vec<u8> {
+    STANDARD.decode(s).expect("standard base64")
+}
+
 /// A registered device and its credentials.
 #[derive(Debug, Clone)]
 pub struct TestDevice {
@@ -194,7 +199,7 @@ impl TestDevice {
 
 pub fn send_body(copies: &[(u32, i64)], content: &[u8], online: bool) -> Value {
     json!({
-        "timestamp": 1_700_000_000_000i64,
+        "timestamp": super::delivery::TIMESTAMP,
         "online": online,
         "messages": copies.iter().map(|(d, r)| json!({
             "destinationDeviceId": d,

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod delivery;
 pub mod process;
 
 use std::net::{SocketAddr, TcpListener};
@@ -24,6 +25,8 @@ use tokio::sync::oneshot;
 // Not every test binary talks to a server (tests/store.rs does not).
 #[allow(unused_imports)]
 pub use client::*;
+#[allow(unused_imports)]
+pub use delivery::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
