@@ -14,6 +14,7 @@ use actix_web::middleware::{from_fn, Logger};
 use actix_web::{web, App, HttpServer};
 
 use crate::actors::keys::KeysActor;
+use crate::actors::mailbox::quota::Quota;
 use crate::actors::mailbox::MailboxWriter;
 use crate::actors::router::{Drain, Router};
 use crate::actors::sweeper::Sweeper;
@@ -72,8 +73,8 @@ pub async fn run(
     }
 
     let metrics = Metrics::new();
-    let (writer, _writer_thread) =
-        MailboxWriter::start(pool.clone(), metrics.clone(), config.mailbox_max_messages);
+    let quota = Quota::new(config.mailbox_max_messages, config.device_cache_ttl());
+    let (writer, _writer_thread) = MailboxWriter::start(pool.clone(), metrics.clone(), quota);
     let router = Router::new(writer.clone(), metrics.clone()).start();
     let key_shards = match store::Backend::from_url(&config.database_url)? {
         store::Backend::Postgres(_) => crate::actors::keys::PG_SHARDS,
@@ -109,6 +110,9 @@ pub async fn run(
             .default_service(web::to(http::not_found))
     })
     .disable_signals()
+    // A duplicate of each socket, so a session can reset a connection whose
+    // peer stopped reading (`ws::transport`).
+    .on_connect(crate::ws::transport::remember_socket)
     // Frames are small and latency-bound: never wait for Nagle's 40 ms.
     .tcp_nodelay(true)
     .shutdown_timeout(HTTP_SHUTDOWN_GRACE.as_secs())

@@ -5,8 +5,10 @@
 //! # Layout
 //! - [`app`]: wiring and the graceful drain; [`config`]: defaults ← TOML ← env.
 //! - [`http`]: thin handlers, one file per SPEC resource; [`wire`]: JSON bodies and frames.
+//! - [`ws`]: the WebSocket transport: the device session actor, its frames,
+//!   its replay and its held copies, and the byte stream under it.
 //! - [`service`]: what handlers and WebSocket sessions share (send path, keys, accounts).
-//! - [`actors`]: router, device sessions, keys actor, mailbox writer, sweeper.
+//! - [`actors`]: router, keys actor, mailbox writer (and its quota), sweeper.
 //! - [`domain`]: pure rules (addresses, Sesame device-set check, key checks, secrets).
 //! - [`store`]: every Diesel query, synchronous, for SQLite and PostgreSQL.
 //! - [`error`]: the SPEC's error bodies; [`limits`]: GCRA rate limits;
@@ -25,6 +27,7 @@ pub mod state;
 pub mod store;
 pub mod systemd;
 pub mod wire;
+pub mod ws;
 
 pub use app::run;
 pub use config::Config;

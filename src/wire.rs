@@ -194,6 +194,19 @@ pub struct MessageList {
 
 // ---- WebSocket frames ----
 
+/// Largest send body, as HTTP JSON or as one WebSocket frame: one ≤256 KiB
+/// copy per device, base64.
+pub const MAX_SEND_BYTES: usize = 8 * 1024 * 1024;
+
+/// The `id` of a send frame, if it has a usable one (for answering a frame
+/// refused before it is parsed whole).
+pub fn frame_id(text: &str) -> Option<serde_json::Number> {
+    serde_json::from_str::<FrameHead>(text)
+        .ok()?
+        .id
+        .filter(|id| id.is_i64() || id.is_u64())
+}
+
 /// What every client frame is first read as: enough to route it and to echo
 /// its `id` in an error response. Other fields are ignored here.
 #[derive(Debug, Deserialize)]

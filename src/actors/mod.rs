@@ -1,6 +1,8 @@
 //! The only long-lived mutable state, one job per actor:
 //! - [`router::Router`]: who is connected; routes each copy live or to the mailbox.
-//! - [`session::DeviceSession`]: one WebSocket; pushes, tracks acks, spills.
+//!
+//! The WebSocket session (`DeviceSession`) is transport and lives in
+//! [`crate::ws`]; the router knows it only by the messages it sends it.
 //! - [`keys::KeysActor`]: serialises prekey access and group-commits it (dedicated thread).
 //! - [`mailbox::MailboxWriter`]: group-commits mailbox writes (dedicated thread).
 //! - [`sweeper::Sweeper`]: retention and housekeeping on an interval.
@@ -8,5 +10,4 @@
 pub mod keys;
 pub mod mailbox;
 pub mod router;
-pub mod session;
 pub mod sweeper;

@@ -1,9 +1,14 @@
 //! The envelope a destination device receives, and the rules a send's
 //! per-device copies must meet before anything is routed.
 
+use std::collections::BTreeSet;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 use uuid::Uuid;
 
-use super::address::Address;
+use super::address::{Address, DeviceId};
+use crate::wire::SendRequest;
 
 /// Largest ciphertext one copy may carry, decoded.
 pub const MAX_CONTENT_BYTES: usize = 256 * 1024;
@@ -31,4 +36,166 @@ pub struct Envelope {
 /// sort in acceptance order, which keeps per-sender order in the mailbox.
 pub fn new_guid() -> Uuid {
     Uuid::now_v7()
+}
+
+/// Copies one send may carry; a send beyond it cannot match any account.
+pub const MAX_COPIES: usize = 1_000;
+
+/// One validated per-device ciphertext of a send, before it has a guid.
+#[derive(Debug)]
+pub struct DeviceCopy {
+    pub device: DeviceId,
+    pub registration_id: i64,
+    pub msg_type: i32,
+    pub content: Vec<u8>,
+}
+
+/// A send body that passed the shape checks.
+#[derive(Debug)]
+pub struct ValidSend {
+    /// `online: true`: live only, never stored.
+    pub ephemeral: bool,
+    pub timestamp: i64,
+    pub copies: Vec<DeviceCopy>,
+}
+
+/// Why a send body is refused before any lookup.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendRefusal {
+    /// `400`.
+    Malformed(String),
+    /// `413`: a copy exceeds [`MAX_CONTENT_BYTES`].
+    TooLarge(String),
+}
+
+/// Shape, size and encoding of a send body: at most one copy per device,
+/// registration ids in range, content non-empty standard base64 of at most
+/// 256 KiB. Pure.
+pub fn validate_send(body: SendRequest) -> Result<ValidSend, SendRefusal> {
+    use SendRefusal::{Malformed, TooLarge};
+    if body.timestamp < 0 {
+        return Err(Malformed(
+            "timestamp must be milliseconds since the epoch".into(),
+        ));
+    }
+    if body.messages.len() > MAX_COPIES {
+        return Err(Malformed("too many copies in one send".into()));
+    }
+    let mut seen = BTreeSet::new();
+    let mut copies = Vec::with_capacity(body.messages.len());
+    for (i, m) in body.messages.into_iter().enumerate() {
+        if m.destination_device_id == 0 {
+            return Err(Malformed(format!(
+                "messages[{i}].destinationDeviceId must be positive"
+            )));
+        }
+        if !seen.insert(m.destination_device_id) {
+            return Err(Malformed(format!(
+                "messages[{i}]: more than one copy for device {}",
+                m.destination_device_id
+            )));
+        }
+        if !REGISTRATION_ID_RANGE.contains(&m.destination_registration_id) {
+            return Err(Malformed(format!(
+                "messages[{i}].destinationRegistrationId must be in 1..=16380"
+            )));
+        }
+        let msg_type = i32::try_from(m.msg_type)
+            .map_err(|_| Malformed(format!("messages[{i}].type is out of range")))?;
+        // Reject by encoded length first so a huge string is never decoded.
+        if m.content.len() > MAX_CONTENT_BYTES.div_ceil(3) * 4 {
+            return Err(TooLarge(format!("messages[{i}].content exceeds 256 KiB")));
+        }
+        let content = STANDARD
+            .decode(m.content.as_bytes())
+            .map_err(|_| Malformed(format!("messages[{i}].content is not standard base64")))?;
+        if content.is_empty() {
+            return Err(Malformed(format!("messages[{i}].content is empty")));
+        }
+        if content.len() > MAX_CONTENT_BYTES {
+            return Err(TooLarge(format!("messages[{i}].content exceeds 256 KiB")));
+        }
+        copies.push(DeviceCopy {
+            device: DeviceId(m.destination_device_id),
+            registration_id: m.destination_registration_id,
+            msg_type,
+            content,
+        });
+    }
+    Ok(ValidSend {
+        ephemeral: body.online.unwrap_or(false),
+        timestamp: body.timestamp,
+        copies,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::OutgoingMessage;
+
+    fn msg(device: u32, content: &str) -> OutgoingMessage {
+        OutgoingMessage {
+            destination_device_id: device,
+            destination_registration_id: 7,
+            msg_type: 1,
+            content: content.into(),
+        }
+    }
+
+    fn body(messages: Vec<OutgoingMessage>) -> SendRequest {
+        SendRequest {
+            timestamp: 1,
+            online: None,
+            messages,
+        }
+    }
+
+    #[test]
+    fn accepts_a_well_formed_send() {
+        let send = validate_send(body(vec![msg(1, "aGk="), msg(2, "aGk=")])).unwrap();
+        assert!(!send.ephemeral);
+        assert_eq!(send.timestamp, 1);
+        assert_eq!(send.copies.len(), 2);
+        assert_eq!(send.copies[0].content, b"hi");
+    }
+
+    #[test]
+    fn refuses_malformed_copies() {
+        let cases = [
+            body(vec![msg(1, "not base64!")]),
+            body(vec![msg(1, "")]),
+            body(vec![msg(0, "aGk=")]),
+            body(vec![msg(1, "aGk="), msg(1, "aGk=")]),
+        ];
+        for case in cases {
+            assert!(matches!(
+                validate_send(case),
+                Err(SendRefusal::Malformed(_))
+            ));
+        }
+        let mut m = msg(1, "aGk=");
+        m.destination_registration_id = 16381;
+        assert!(matches!(
+            validate_send(body(vec![m])),
+            Err(SendRefusal::Malformed(_))
+        ));
+        let mut m = msg(1, "aGk=");
+        m.msg_type = i64::from(i32::MAX) + 1;
+        assert!(matches!(
+            validate_send(body(vec![m])),
+            Err(SendRefusal::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_oversize_content_with_413() {
+        let big = STANDARD.encode(vec![0u8; MAX_CONTENT_BYTES + 1]);
+        assert!(matches!(
+            validate_send(body(vec![msg(1, &big)])),
+            Err(SendRefusal::TooLarge(_))
+        ));
+        let max = STANDARD.encode(vec![0u8; MAX_CONTENT_BYTES]);
+        assert!(validate_send(body(vec![msg(1, &max)])).is_ok());
+    }
 }

@@ -24,7 +24,7 @@ const JSON_LIMIT: usize = 64 * 1024;
 /// `PUT /v1/keys`: 100 EC + 100 signed Kyber one-time keys fit with room.
 const KEYS_JSON_LIMIT: usize = 1024 * 1024;
 /// `PUT /v1/messages`: one ≤256 KiB copy per device, base64.
-const MESSAGES_JSON_LIMIT: usize = 8 * 1024 * 1024;
+const MESSAGES_JSON_LIMIT: usize = crate::wire::MAX_SEND_BYTES;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(json_config(JSON_LIMIT))

@@ -170,6 +170,10 @@ pub async fn delete_device(
     }
     state.directory.invalidate(device.account);
     state.credentials.forget_device(victim);
+    state
+        .writer
+        .quota()
+        .forget(victim.account, Some(victim.device));
     state.router.do_send(CloseDevices {
         account: device.account,
         device: Some(target),
@@ -191,6 +195,7 @@ pub async fn delete_account(state: &State, device: Address) -> Result<(), ApiErr
     .await?;
     state.directory.invalidate(device.account);
     state.credentials.forget_account(device.account);
+    state.writer.quota().forget(device.account, None);
     state.router.do_send(CloseDevices {
         account: device.account,
         device: None,

@@ -2,7 +2,7 @@
 //! (UUIDv7, so by acceptance time) within each device.
 //!
 //! Writes arrive here only from the mailbox writer's thread, in batches
-//! ([`apply`]); reads ([`load_page`], [`count_for_devices`]) come from the
+//! ([`apply`]); reads ([`load_page`], [`counts`]) come from the
 //! blocking pool and never hold a transaction open across pages.
 
 use diesel::prelude::*;
@@ -14,7 +14,7 @@ use diesel::upsert::excluded;
 
 use super::schema::{mailbox, mailbox_counts};
 use super::{with_conn, Conn, StoreError};
-use crate::domain::address::{AccountId, Address, DeviceId};
+use crate::domain::address::{Address, DeviceId};
 use crate::domain::envelope::Envelope;
 
 /// One write in a batch, applied in order.
@@ -89,8 +89,6 @@ macro_rules! insert_rows {
 pub enum Outcome {
     /// The copy is in the mailbox.
     Stored,
-    /// Not stored: the device's mailbox holds `cap` copies already.
-    Full,
     /// The acknowledged copy was there and is gone.
     Deleted,
     /// Nothing to delete (already gone, or never this device's).
@@ -98,37 +96,20 @@ pub enum Outcome {
 }
 
 /// Applies `writes` in one transaction, in order, and returns what each
-/// did. Consecutive inserts go out as one multi-row INSERT. The per-device
-/// cap is enforced here, against the committed count plus this batch, so
-/// concurrent senders can never push a mailbox past it.
-pub fn apply(conn: &mut Conn, writes: &[Write<'_>], cap: i64) -> Result<Vec<Outcome>, StoreError> {
+/// did. Consecutive inserts go out as one multi-row INSERT. Room was
+/// reserved before the copies were routed (the mailbox writer's quota), so
+/// every insert is stored; `mailbox_counts` follows in the same transaction.
+pub fn apply(conn: &mut Conn, writes: &[Write<'_>]) -> Result<Vec<Outcome>, StoreError> {
     with_conn!(conn, c => c.transaction::<_, StoreError, _>(|c| {
         let mut results = Vec::with_capacity(writes.len());
         let mut pending: Vec<Row> = Vec::new();
-        // Per device: (committed count, read on first insert; change so far).
-        let mut counts: HashMap<(String, i64), (Option<i64>, i64)> = HashMap::new();
+        let mut counts: HashMap<(String, i64), i64> = HashMap::new();
         for w in writes {
             match w {
                 Write::Insert { dest, envelope } => {
-                    let key = (dest.account.as_db(), dest.device.as_db());
-                    let entry = counts.entry(key).or_insert((None, 0));
-                    let stored = match entry.0 {
-                        Some(n) => n,
-                        None => {
-                            let n: Option<i64> = mailbox_counts::table
-                                .filter(mailbox_counts::account.eq(dest.account.as_db()))
-                                .filter(mailbox_counts::device_id.eq(dest.device.as_db()))
-                                .select(mailbox_counts::messages)
-                                .first(c)
-                                .optional()?;
-                            *entry.0.insert(n.unwrap_or(0))
-                        }
-                    };
-                    if stored + entry.1 >= cap {
-                        results.push(Outcome::Full);
-                        continue;
-                    }
-                    entry.1 += 1;
+                    *counts
+                        .entry((dest.account.as_db(), dest.device.as_db()))
+                        .or_default() += 1;
                     pending.push(row(*dest, envelope));
                     results.push(Outcome::Stored);
                 }
@@ -143,8 +124,9 @@ pub fn apply(conn: &mut Conn, writes: &[Write<'_>], cap: i64) -> Result<Vec<Outc
                         .filter(mailbox::guid.eq(guid.hyphenated().to_string()))
                         .execute(c)?;
                     if n > 0 {
-                        let key = (dest.account.as_db(), dest.device.as_db());
-                        counts.entry(key).or_insert((None, 0)).1 -= 1;
+                        *counts
+                            .entry((dest.account.as_db(), dest.device.as_db()))
+                            .or_default() -= 1;
                         results.push(Outcome::Deleted);
                     } else {
                         results.push(Outcome::Absent);
@@ -155,7 +137,7 @@ pub fn apply(conn: &mut Conn, writes: &[Write<'_>], cap: i64) -> Result<Vec<Outc
         for chunk in pending.chunks(INSERT_CHUNK) {
             insert_rows!(c, chunk)?;
         }
-        for ((account, device), (_, delta)) in counts {
+        for ((account, device), delta) in counts {
             adjust_count!(c, &account, device, delta)?;
         }
         Ok(results)
@@ -176,25 +158,38 @@ fn row(dest: Address, e: &Envelope) -> Row {
     )
 }
 
-/// Up to `limit` copies for `dest` with a guid after `after`, oldest first.
+/// One page of a device's mailbox.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// The readable copies, oldest first.
+    pub envelopes: Vec<Envelope>,
+    /// Rows read, readable or not: a page with fewer than asked is the last.
+    pub rows: usize,
+    /// The guid of the last row read: where the next page starts.
+    pub cursor: Option<String>,
+}
+
+/// Up to `limit` rows for `dest` with a guid after `after`, oldest first.
 pub fn load_page(
     conn: &mut Conn,
     dest: Address,
-    after: Option<Uuid>,
+    after: Option<&str>,
     limit: i64,
-) -> Result<Vec<Envelope>, StoreError> {
+) -> Result<Page, StoreError> {
     let account = dest.account.as_db();
-    let after = after
-        .map(|g| g.hyphenated().to_string())
-        .unwrap_or_default();
+    let after = after.unwrap_or_default();
     let rows: Vec<Row> = with_conn!(conn, c => mailbox::table
         .filter(mailbox::account.eq(&account))
         .filter(mailbox::device_id.eq(dest.device.as_db()))
-        .filter(mailbox::guid.gt(&after))
+        .filter(mailbox::guid.gt(after))
         .order(mailbox::guid.asc())
         .limit(limit)
         .load(c))?;
-    Ok(rows.into_iter().filter_map(envelope).collect())
+    Ok(Page {
+        rows: rows.len(),
+        cursor: rows.last().map(|r| r.2.clone()),
+        envelopes: rows.into_iter().filter_map(envelope).collect(),
+    })
 }
 
 /// Rows were written by this program; one that does not parse is skipped
@@ -216,21 +211,20 @@ fn envelope(r: Row) -> Option<Envelope> {
     parsed
 }
 
-/// Copies waiting per device of `account`, for the mailbox cap: one row
-/// per device from `mailbox_counts`, never a count over the mailbox.
-pub fn count_for_devices(
-    conn: &mut Conn,
-    account: AccountId,
-) -> Result<Vec<(DeviceId, i64)>, StoreError> {
-    let id = account.as_db();
-    let rows: Vec<(i64, i64)> = with_conn!(conn, c => mailbox_counts::table
-        .filter(mailbox_counts::account.eq(&id))
-        .select((mailbox_counts::device_id, mailbox_counts::messages))
-        .load(c))?;
-    Ok(rows
-        .into_iter()
-        .map(|(d, n)| (DeviceId::from_db(d), n))
-        .collect())
+/// Copies stored for each of `dests` (0 for a device with none), from
+/// `mailbox_counts`, never a count over the mailbox.
+pub fn counts(conn: &mut Conn, dests: &[Address]) -> Result<Vec<(Address, i64)>, StoreError> {
+    let mut out = Vec::with_capacity(dests.len());
+    for dest in dests {
+        let n: Option<i64> = with_conn!(conn, c => mailbox_counts::table
+            .filter(mailbox_counts::account.eq(dest.account.as_db()))
+            .filter(mailbox_counts::device_id.eq(dest.device.as_db()))
+            .select(mailbox_counts::messages)
+            .first(c)
+            .optional())?;
+        out.push((*dest, n.unwrap_or(0)));
+    }
+    Ok(out)
 }
 
 /// Deletes copies accepted before `before_ms`, at most `limit` per call

@@ -1,55 +1,42 @@
-//! `Router`: the map from `(account, device)` to the live `DeviceSession`.
+//! `Router`: the map from `(account, device)` to the live session.
 //!
 //! It routes each copy to the device's session or, when the device is not
 //! connected, spills it to the mailbox writer; it replaces an older session
 //! of the same device; it drains every session at shutdown. It owns nothing
-//! else and never touches the database or the pool.
+//! else, never touches the database, and knows sessions only as the
+//! `Recipient`s of the messages it sends them ([`messages`]).
+
+pub mod messages;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::{
-    Actor, ActorFutureExt, Addr, Context, Handler, Message, ResponseActFuture, WrapFuture,
+    Actor, ActorFutureExt, Context, Handler, ResponseActFuture, ResponseFuture, WrapFuture,
 };
 use tokio::sync::oneshot;
 
-use super::mailbox::MailboxWriter;
-use super::session::{Close, Deliver, DeviceSession, Drain as DrainSession};
-use crate::domain::address::{AccountId, Address, DeviceId};
+pub use messages::*;
+
+use super::mailbox::{MailboxWriter, StorageFailed};
+use crate::domain::address::Address;
 use crate::domain::envelope::Envelope;
 use crate::metrics::Metrics;
-use crate::store::mailbox::Outcome;
 use crate::wire::DeliveryStatus;
 
-/// Why a copy could be neither delivered nor stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteError {
-    /// The device's mailbox is at its cap.
-    MailboxFull,
-    /// The database failed the write.
-    Storage,
-}
-
 /// The answer for one routed copy.
-pub type RouteReply = oneshot::Sender<Result<DeliveryStatus, RouteError>>;
+pub type RouteReply = oneshot::Sender<Result<DeliveryStatus, StorageFailed>>;
 
-/// What a committed (or refused) spill means for its sender.
-pub fn spill_status(outcome: Result<Outcome, ()>) -> Result<DeliveryStatus, RouteError> {
-    match outcome {
-        Ok(Outcome::Stored) => Ok(DeliveryStatus::Queued),
-        Ok(Outcome::Full) => Err(RouteError::MailboxFull),
-        Ok(_) | Err(()) => Err(RouteError::Storage),
-    }
-}
-
-/// A future the new session must wait for before it reads the mailbox.
-pub type Settled = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// How long a new connection waits for the session it replaces to spill
+/// before it reads the mailbox anyway. Sessions run on their own (a stalled
+/// socket cannot freeze them), so this bounds only a pathological case; a
+/// copy spilled later is pushed on the device's next connection.
+const REPLACE_GRACE: Duration = Duration::from_secs(1);
 
 struct Entry {
     id: u64,
-    session: Addr<DeviceSession>,
+    session: SessionHandle,
     /// Resolves once that session has spilled its unacknowledged copies.
     settled: Option<oneshot::Receiver<()>>,
 }
@@ -86,66 +73,13 @@ impl Router {
             let _ = reply.send(Ok(DeliveryStatus::Dropped));
             return;
         }
-        self.writer.spill_then(
-            dest,
-            envelope,
-            Box::new(move |r| {
-                let _ = reply.send(spill_status(r));
-            }),
-        );
+        self.writer.spill_answering(dest, envelope, reply);
     }
 }
 
 impl Actor for Router {
     type Context = Context<Self>;
 }
-
-/// From a new `DeviceSession`: register as the live connection of `address`.
-/// `None` means the server is draining and the session must close.
-#[derive(Message)]
-#[rtype(result = "Option<Settled>")]
-pub struct Connect {
-    pub address: Address,
-    pub id: u64,
-    pub session: Addr<DeviceSession>,
-    /// Fired by the session once it has spilled what it holds, whenever it ends.
-    pub settled: oneshot::Receiver<()>,
-}
-
-/// From a `DeviceSession` that is stopping. Ignored unless `id` is the
-/// registered one (a replaced session must not unregister its successor).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Disconnect {
-    pub address: Address,
-    pub id: u64,
-}
-
-/// From the messaging service: deliver one copy live, or spill it.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Route {
-    pub dest: Address,
-    pub envelope: Arc<Envelope>,
-    /// `online: true`: live only, never stored.
-    pub ephemeral: bool,
-    pub reply: RouteReply,
-}
-
-/// From the accounts service: close the sessions of a deleted device
-/// (`Some`) or of every device of a deleted account (`None`).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct CloseDevices {
-    pub account: AccountId,
-    pub device: Option<DeviceId>,
-}
-
-/// From the app at shutdown: refuse new sessions, have every session spill
-/// and close with 1001; resolves when all have spilled.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Drain;
 
 impl Handler<Connect> for Router {
     type Result = Option<Settled>;
@@ -173,14 +107,14 @@ impl Handler<Connect> for Router {
                 msg.address,
                 old.id
             );
-            old.session.do_send(Close::Replaced);
+            old.session.close.do_send(Close::Replaced);
             old.settled.take()
         });
         Some(Box::pin(async move {
             let _ = barrier.await;
             if let Some(settled) = previous_settled {
-                // An error means the old session is gone; it spilled in stopping().
-                let _ = settled.await;
+                // An error means the old session is gone; it spilled when it stopped.
+                let _ = tokio::time::timeout(REPLACE_GRACE, settled).await;
             }
         }))
     }
@@ -203,13 +137,30 @@ impl Handler<Route> for Router {
         match self.sessions.get(&msg.dest) {
             // If the session died with this message in its queue, the reply is
             // dropped unanswered and the messaging service spills the copy.
-            Some(entry) if !self.draining => entry.session.do_send(Deliver {
+            Some(entry) if !self.draining => entry.session.deliver.do_send(Deliver {
                 envelope: msg.envelope,
                 ephemeral: msg.ephemeral,
                 reply: msg.reply,
             }),
             _ => self.spill(msg.dest, msg.envelope, msg.ephemeral, msg.reply),
         }
+    }
+}
+
+impl Handler<AckAt> for Router {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, msg: AckAt, _: &mut Context<Self>) -> Self::Result {
+        let asked = self
+            .sessions
+            .get(&msg.dest)
+            .map(|e| e.session.ack.send(AckLive { guid: msg.guid }));
+        Box::pin(async move {
+            match asked {
+                Some(answer) => answer.await.unwrap_or(false),
+                None => false,
+            }
+        })
     }
 }
 
@@ -225,7 +176,7 @@ impl Handler<CloseDevices> for Router {
             .collect();
         for address in doomed {
             if let Some(entry) = self.remove(&address) {
-                entry.session.do_send(Close::Removed);
+                entry.session.close.do_send(Close::Removed);
             }
         }
     }
@@ -239,7 +190,7 @@ impl Handler<Drain> for Router {
         let mut waits = Vec::with_capacity(self.sessions.len());
         for (_, mut entry) in self.sessions.drain() {
             self.metrics.connected_devices.dec();
-            entry.session.do_send(DrainSession);
+            entry.session.close.do_send(Close::Draining);
             if let Some(settled) = entry.settled.take() {
                 waits.push(settled);
             }
@@ -254,11 +205,6 @@ impl Handler<Drain> for Router {
         )
     }
 }
-
-/// How many devices are connected (for tests and the load tool).
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct ConnectedCount;
 
 impl Handler<ConnectedCount> for Router {
     type Result = usize;

@@ -6,20 +6,32 @@
 //! then runs each write's completion. So a spill's completion means the copy
 //! is on disk — which is what lets a sender be answered `queued` — and a
 //! delete queued after an insert of the same guid always finds it.
+//!
+//! The writer stores every copy it is given: room was reserved before the
+//! send was routed ([`quota`]), and it keeps the quota's counts in step with
+//! what it commits.
 
+pub mod quota;
+
+use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+
+use super::router::RouteReply;
 use uuid::Uuid;
 
+use self::quota::Quota;
 use crate::domain::address::Address;
 use crate::domain::envelope::Envelope;
+use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::store::mailbox::{Outcome, Write};
 use crate::store::{self, Pool};
+use crate::wire::DeliveryStatus;
 
 /// Writes taken in one transaction at most.
 const MAX_BATCH: usize = 2_048;
@@ -29,6 +41,24 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Called on the writer thread once its write is committed (`Ok(outcome)`)
 /// or has failed for good (`Err(())`). Must be quick: a oneshot send.
 pub type Completion = Box<dyn FnOnce(Result<Outcome, ()>) + Send>;
+
+/// A copy could not be stored: the database failed the write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageFailed;
+
+impl From<StorageFailed> for ApiError {
+    fn from(_: StorageFailed) -> Self {
+        ApiError::Internal
+    }
+}
+
+/// What a committed (or failed) spill means for its sender.
+pub fn spill_status(outcome: Result<Outcome, ()>) -> Result<DeliveryStatus, StorageFailed> {
+    match outcome {
+        Ok(Outcome::Stored) => Ok(DeliveryStatus::Queued),
+        Ok(_) | Err(()) => Err(StorageFailed),
+    }
+}
 
 enum Op {
     Spill {
@@ -43,6 +73,12 @@ enum Op {
     },
     /// Completes after every write queued before it.
     Barrier(Completion),
+    /// Reads the stored counts of `dests` into the quota, after the commit
+    /// of everything queued before it.
+    Load {
+        dests: Vec<Address>,
+        done: Completion,
+    },
 }
 
 /// Handle to the writer thread. Cloning is cheap; the thread ends once every
@@ -50,32 +86,41 @@ enum Op {
 #[derive(Clone)]
 pub struct MailboxWriter {
     tx: mpsc::Sender<Op>,
+    quota: Arc<Quota>,
 }
 
 /// Receiver of one write's outcome.
 pub type Done = oneshot::Receiver<Result<Outcome, ()>>;
 
 impl MailboxWriter {
-    /// `cap`: copies a device's mailbox may hold; spills beyond it are `Full`.
+    /// `quota`: the room reserved per device, kept in step with commits.
     pub fn start(
         pool: Pool,
         metrics: Metrics,
-        cap: u64,
+        quota: Arc<Quota>,
     ) -> (MailboxWriter, thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel();
-        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+        let thread_quota = quota.clone();
         let handle = thread::Builder::new()
             .name("mailbox-writer".into())
-            .spawn(move || run(pool, metrics, cap, rx))
+            .spawn(move || run(pool, metrics, thread_quota, rx))
             .expect("cannot spawn the mailbox writer thread");
-        (MailboxWriter { tx }, handle)
+        (MailboxWriter { tx, quota }, handle)
+    }
+
+    /// The quota this writer keeps counts for.
+    pub fn quota(&self) -> &Arc<Quota> {
+        &self.quota
     }
 
     fn push(&self, op: Op) {
         if let Err(mpsc::SendError(op)) = self.tx.send(op) {
             // Only after the thread died: fail the write so nobody waits forever.
             let done = match op {
-                Op::Spill { done, .. } | Op::Delete { done, .. } | Op::Barrier(done) => done,
+                Op::Spill { done, .. }
+                | Op::Delete { done, .. }
+                | Op::Barrier(done)
+                | Op::Load { done, .. } => done,
             };
             done(Err(()));
         }
@@ -88,6 +133,29 @@ impl MailboxWriter {
             envelope,
             done,
         });
+    }
+
+    /// Queues a spill and answers its sender once it is committed.
+    pub fn spill_answering(&self, dest: Address, envelope: Arc<Envelope>, reply: RouteReply) {
+        self.spill_then(
+            dest,
+            envelope,
+            Box::new(move |r| {
+                let _ = reply.send(spill_status(r));
+            }),
+        );
+    }
+
+    /// Reads the stored counts of `dests` into the quota; resolves after.
+    pub fn load_counts(&self, dests: Vec<Address>) -> Done {
+        let (tx, rx) = oneshot::channel();
+        self.push(Op::Load {
+            dests,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        rx
     }
 
     /// Queues a spill and returns a receiver for its commit.
@@ -132,7 +200,7 @@ impl MailboxWriter {
     }
 }
 
-fn run(pool: Pool, metrics: Metrics, cap: i64, rx: mpsc::Receiver<Op>) {
+fn run(pool: Pool, metrics: Metrics, quota: Arc<Quota>, rx: mpsc::Receiver<Op>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -142,47 +210,93 @@ fn run(pool: Pool, metrics: Metrics, cap: i64, rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        commit(&pool, &metrics, cap, &mut batch);
+        commit(&pool, &metrics, &quota, &mut batch);
     }
     log::debug!("mailbox writer stopped");
 }
 
 /// Commits `batch` as one transaction; if that fails, retries once after a
 /// pause, then write by write so one bad write cannot fail its neighbours.
-fn commit(pool: &Pool, metrics: &Metrics, cap: i64, batch: &mut Vec<Op>) {
+/// Then brings the quota up to date and answers every op.
+fn commit(pool: &Pool, metrics: &Metrics, quota: &Quota, batch: &mut Vec<Op>) {
     let started = Instant::now();
-    let mut outcome = apply(pool, cap, batch);
+    let mut outcome = apply(pool, batch);
     if outcome.is_err() {
         thread::sleep(RETRY_PAUSE);
-        outcome = apply(pool, cap, batch);
+        outcome = apply(pool, batch);
     }
-    match outcome {
+    let results: Vec<Result<Outcome, ()>> = match outcome {
         Ok(changed) => {
             log::trace!(
                 "mailbox batch of {} committed in {:?}",
                 batch.len(),
                 started.elapsed()
             );
-            finish(metrics, batch.drain(..).zip(changed.into_iter().map(Ok)));
+            changed.into_iter().map(Ok).collect()
         }
         Err(e) => {
             log::error!(
                 "mailbox batch of {} failed ({e}); retrying one by one",
                 batch.len()
             );
-            for op in batch.drain(..) {
-                let result = apply(pool, cap, std::slice::from_ref(&op))
-                    .map(|v| v.first().copied().unwrap_or(Outcome::Absent))
-                    .map_err(|e| log::error!("mailbox write failed: {e}"));
-                finish(metrics, std::iter::once((op, result)));
-            }
+            batch
+                .iter()
+                .map(|op| {
+                    apply(pool, std::slice::from_ref(op))
+                        .map(|v| v.first().copied().unwrap_or(Outcome::Absent))
+                        .map_err(|e| log::error!("mailbox write failed: {e}"))
+                })
+                .collect()
         }
+    };
+    quota.committed(&deltas(batch, &results));
+    load_counts(pool, quota, batch);
+    finish(metrics, batch.drain(..).zip(results));
+}
+
+/// What the batch changed in each device's stored count.
+fn deltas(batch: &[Op], results: &[Result<Outcome, ()>]) -> HashMap<Address, i64> {
+    let mut deltas = HashMap::new();
+    for (op, result) in batch.iter().zip(results) {
+        match (op, result) {
+            (Op::Spill { dest, .. }, Ok(Outcome::Stored)) => *deltas.entry(*dest).or_default() += 1,
+            (Op::Delete { dest, .. }, Ok(Outcome::Deleted)) => {
+                *deltas.entry(*dest).or_default() -= 1
+            }
+            _ => {}
+        }
+    }
+    deltas
+}
+
+/// Serves the batch's `Load`s, after its commit (so the counts read include
+/// it, and every later commit adjusts them).
+fn load_counts(pool: &Pool, quota: &Quota, batch: &[Op]) {
+    let dests: Vec<Address> = batch
+        .iter()
+        .flat_map(|op| match op {
+            Op::Load { dests, .. } => dests.as_slice(),
+            _ => &[],
+        })
+        .copied()
+        .collect();
+    if dests.is_empty() {
+        return;
+    }
+    let counts = pool
+        .get()
+        .map_err(store::StoreError::from)
+        .and_then(|mut conn| store::mailbox::counts(&mut conn, &dests));
+    match counts {
+        Ok(counts) => quota.loaded(&counts),
+        // The senders waiting on these are refused (the counts stay unknown).
+        Err(e) => log::error!("cannot read mailbox counts: {e}"),
     }
 }
 
-/// Applies every write of `ops` (barriers are no-ops) in one transaction;
-/// returns one outcome per op.
-fn apply(pool: &Pool, cap: i64, ops: &[Op]) -> Result<Vec<Outcome>, store::StoreError> {
+/// Applies every write of `ops` (barriers and loads are no-ops) in one
+/// transaction; returns one outcome per op.
+fn apply(pool: &Pool, ops: &[Op]) -> Result<Vec<Outcome>, store::StoreError> {
     let writes: Vec<Write<'_>> = ops
         .iter()
         .filter_map(|op| match op {
@@ -194,20 +308,20 @@ fn apply(pool: &Pool, cap: i64, ops: &[Op]) -> Result<Vec<Outcome>, store::Store
                 dest: *dest,
                 guid: *guid,
             }),
-            Op::Barrier(_) => None,
+            Op::Barrier(_) | Op::Load { .. } => None,
         })
         .collect();
     let mut changed = if writes.is_empty() {
         Vec::new()
     } else {
         let mut conn = pool.get()?;
-        store::mailbox::apply(&mut conn, &writes, cap)?
+        store::mailbox::apply(&mut conn, &writes)?
     }
     .into_iter();
     Ok(ops
         .iter()
         .map(|op| match op {
-            Op::Barrier(_) => Outcome::Absent,
+            Op::Barrier(_) | Op::Load { .. } => Outcome::Absent,
             _ => changed.next().unwrap_or(Outcome::Absent),
         })
         .collect())
@@ -228,7 +342,7 @@ fn finish(metrics: &Metrics, results: impl Iterator<Item = (Op, Result<Outcome, 
                 }
                 done(result)
             }
-            Op::Barrier(done) => done(result),
+            Op::Barrier(done) | Op::Load { done, .. } => done(result),
         }
     }
 }

@@ -1,0 +1,251 @@
+//! `Quota`: each device's mailbox room, reserved before a send is routed, so
+//! a send refused with `507` has delivered nothing (SPEC: "A send answered
+//! with an error status delivered nothing").
+//!
+//! Every copy that may end up stored (every non-ephemeral copy) holds a
+//! [`Reserved`] slot from the moment its send is accepted until its outcome
+//! is known: acknowledged live (the slot is released), or committed to the
+//! mailbox (the writer counts it as stored, then the slot is released). A
+//! send is accepted only if every destination device has room for its copy
+//! counting both what is stored and what is reserved, so the cap holds
+//! exactly under any concurrency within one process.
+//!
+//! Stored counts are read by the mailbox writer's thread, in order with its
+//! own commits, and kept up to date by it; a count no slot holds is read
+//! again after `ttl`, which bounds how long writes by another process sharing
+//! the database (or the retention sweep) go unseen.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::domain::address::{AccountId, Address, DeviceId};
+
+/// Devices whose counts are kept at most; past it, unreserved ones are
+/// forgotten (and read again when next needed).
+const MAX_DEVICES: usize = 100_000;
+
+struct Slot {
+    stored: i64,
+    reserved: i64,
+    loaded: Instant,
+}
+
+pub struct Quota {
+    cap: i64,
+    ttl: Duration,
+    slots: Mutex<HashMap<Address, Slot>>,
+}
+
+/// The outcome of [`Quota::reserve`].
+pub enum Reserve {
+    /// One slot per destination, in the order asked.
+    Granted(Vec<Reserved>),
+    /// Some destination's mailbox has no room.
+    Full,
+    /// These counts must be read first ([`super::MailboxWriter::load_counts`]).
+    Unknown(Vec<Address>),
+}
+
+impl Quota {
+    pub fn new(cap: u64, ttl: Duration) -> Arc<Self> {
+        Arc::new(Quota {
+            cap: i64::try_from(cap).unwrap_or(i64::MAX),
+            ttl,
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn slots(&self) -> MutexGuard<'_, HashMap<Address, Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves one slot in each of `dests` (distinct addresses), all or none.
+    pub fn reserve(self: &Arc<Self>, dests: &[Address]) -> Reserve {
+        let mut slots = self.slots();
+        let ttl = self.ttl;
+        let unknown: Vec<Address> = dests
+            .iter()
+            .filter(|d| {
+                slots
+                    .get(d)
+                    .is_none_or(|s| s.reserved == 0 && s.loaded.elapsed() > ttl)
+            })
+            .copied()
+            .collect();
+        if !unknown.is_empty() {
+            return Reserve::Unknown(unknown);
+        }
+        let full = dests.iter().any(|d| {
+            let s = &slots[d];
+            s.stored + s.reserved >= self.cap
+        });
+        if full {
+            return Reserve::Full;
+        }
+        for d in dests {
+            if let Some(s) = slots.get_mut(d) {
+                s.reserved += 1;
+            }
+        }
+        Reserve::Granted(
+            dests
+                .iter()
+                .map(|&dest| Reserved {
+                    quota: self.clone(),
+                    dest,
+                })
+                .collect(),
+        )
+    }
+
+    /// From the writer thread after a commit: what each device's stored
+    /// count changed by. Counts not loaded are left alone.
+    pub fn committed(&self, deltas: &HashMap<Address, i64>) {
+        if deltas.is_empty() {
+            return;
+        }
+        let mut slots = self.slots();
+        for (dest, delta) in deltas {
+            if let Some(s) = slots.get_mut(dest) {
+                s.stored = (s.stored + delta).max(0);
+            }
+        }
+    }
+
+    /// From the writer thread: counts it just read, after its last commit.
+    /// A slot already loaded keeps its own (it has seen every commit since).
+    pub fn loaded(&self, counts: &[(Address, i64)]) {
+        let mut slots = self.slots();
+        if slots.len() + counts.len() > MAX_DEVICES {
+            slots.retain(|_, s| s.reserved > 0);
+        }
+        let ttl = self.ttl;
+        for &(dest, stored) in counts {
+            let fresh = Slot {
+                stored,
+                reserved: 0,
+                loaded: Instant::now(),
+            };
+            match slots.get_mut(&dest) {
+                Some(s) if s.reserved > 0 || s.loaded.elapsed() <= ttl => {}
+                Some(s) => *s = fresh,
+                None => {
+                    slots.insert(dest, fresh);
+                }
+            }
+        }
+    }
+
+    /// Forgets the counts of a deleted device (`Some`) or account (`None`),
+    /// so a device id used again starts from what the database holds.
+    pub fn forget(&self, account: AccountId, device: Option<DeviceId>) {
+        self.slots().retain(|a, s| {
+            s.reserved > 0 || a.account != account || device.is_some_and(|d| d != a.device)
+        });
+    }
+
+    fn release(&self, dest: Address) {
+        if let Some(s) = self.slots().get_mut(&dest) {
+            s.reserved = (s.reserved - 1).max(0);
+        }
+    }
+}
+
+/// One reserved slot in `dest`'s mailbox; released when dropped. Hold it
+/// until the copy is acknowledged or committed.
+pub struct Reserved {
+    quota: Arc<Quota>,
+    dest: Address,
+}
+
+impl std::fmt::Debug for Reserved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reserved({})", self.dest)
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.quota.release(self.dest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(device: u32) -> Address {
+        Address::new(AccountId(uuid::Uuid::nil()), DeviceId(device))
+    }
+
+    fn granted(r: Reserve) -> Vec<Reserved> {
+        match r {
+            Reserve::Granted(v) => v,
+            Reserve::Full => panic!("full"),
+            Reserve::Unknown(_) => panic!("unknown"),
+        }
+    }
+
+    #[test]
+    fn asks_for_unknown_counts_first() {
+        let q = Quota::new(2, Duration::from_secs(60));
+        match q.reserve(&[addr(1), addr(2)]) {
+            Reserve::Unknown(u) => assert_eq!(u, vec![addr(1), addr(2)]),
+            _ => panic!("expected unknown"),
+        }
+        q.loaded(&[(addr(1), 0), (addr(2), 0)]);
+        assert_eq!(granted(q.reserve(&[addr(1), addr(2)])).len(), 2);
+    }
+
+    #[test]
+    fn refuses_all_when_one_device_is_full_and_releases_on_drop() {
+        let q = Quota::new(2, Duration::from_secs(60));
+        q.loaded(&[(addr(1), 1), (addr(2), 0)]);
+        let first = granted(q.reserve(&[addr(1), addr(2)]));
+        // Device 1: one stored + one reserved = cap.
+        assert!(matches!(q.reserve(&[addr(1), addr(2)]), Reserve::Full));
+        // Device 2 was not charged by the refused send.
+        let only2 = granted(q.reserve(&[addr(2)]));
+        assert!(matches!(q.reserve(&[addr(2)]), Reserve::Full));
+        drop(only2);
+        drop(first);
+        assert_eq!(granted(q.reserve(&[addr(1), addr(2)])).len(), 2);
+    }
+
+    #[test]
+    fn commits_move_reserved_to_stored() {
+        let q = Quota::new(1, Duration::from_secs(60));
+        q.loaded(&[(addr(1), 0)]);
+        let slot = granted(q.reserve(&[addr(1)]));
+        q.committed(&HashMap::from([(addr(1), 1)]));
+        drop(slot);
+        assert!(matches!(q.reserve(&[addr(1)]), Reserve::Full));
+        q.committed(&HashMap::from([(addr(1), -1)]));
+        assert_eq!(granted(q.reserve(&[addr(1)])).len(), 1);
+    }
+
+    #[test]
+    fn a_loaded_count_is_not_overwritten_until_it_is_stale() {
+        let q = Quota::new(5, Duration::from_secs(60));
+        q.loaded(&[(addr(1), 1)]);
+        q.loaded(&[(addr(1), 4)]);
+        let slots = granted(q.reserve(&[addr(1)]));
+        assert_eq!(q.slots()[&addr(1)].stored, 1);
+        drop(slots);
+        let q = Quota::new(5, Duration::ZERO);
+        q.loaded(&[(addr(1), 1)]);
+        std::thread::sleep(Duration::from_millis(2));
+        q.loaded(&[(addr(1), 4)]);
+        assert_eq!(q.slots()[&addr(1)].stored, 4);
+    }
+
+    #[test]
+    fn forgets_deleted_devices() {
+        let q = Quota::new(5, Duration::from_secs(60));
+        q.loaded(&[(addr(1), 3), (addr(2), 3)]);
+        q.forget(AccountId(uuid::Uuid::nil()), Some(DeviceId(1)));
+        assert!(matches!(q.reserve(&[addr(1)]), Reserve::Unknown(_)));
+        assert!(matches!(q.reserve(&[addr(2)]), Reserve::Granted(_)));
+    }
+}

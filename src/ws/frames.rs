@@ -1,0 +1,209 @@
+//! What a `DeviceSession` does with each frame from the device: sends,
+//! acks, fragments, pings, close, and frames it cannot use.
+
+use actix::{ActorContext, AsyncContext, Context, Handler, Message, StreamHandler};
+use actix_http::ws::{Frame, Item, ProtocolError};
+use actix_web::web::Bytes;
+use tokio::sync::oneshot;
+
+use super::gate::RATE_LIMITED_PAUSE;
+use super::session::{close_code, DeviceSession};
+use crate::error::ApiError;
+use crate::service::messaging;
+use crate::wire::{self, ClientFrame, ServerFrame, MAX_SEND_BYTES};
+
+/// Consecutive unusable frames tolerated before the connection is closed.
+const MAX_BAD_FRAMES: u32 = 100;
+/// Largest message read whole: a message above [`MAX_SEND_BYTES`] and up to
+/// this is answered `413` with its `id`; a frame beyond it cannot be skipped
+/// and closes the connection with 1009.
+pub const MAX_FRAME_BYTES: usize = 2 * MAX_SEND_BYTES;
+
+impl StreamHandler<Result<Frame, ProtocolError>> for DeviceSession {
+    fn handle(&mut self, frame: Result<Frame, ProtocolError>, ctx: &mut Context<Self>) {
+        self.heartbeat = std::time::Instant::now();
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(ProtocolError::Overflow) => {
+                return self.close(close_code::TOO_BIG, "frame too large", ctx);
+            }
+            Err(e) => {
+                log::debug!("{}: protocol error: {e}", self.address);
+                return self.close(close_code::PROTOCOL_ERROR, "protocol error", ctx);
+            }
+        };
+        match frame {
+            // RFC 6455 §8.1: a text frame that is not UTF-8 fails the
+            // connection. (Reassembled fragments get an error frame instead.)
+            Frame::Text(bytes) if std::str::from_utf8(&bytes).is_err() => {
+                self.close(close_code::INVALID_DATA, "text frame is not UTF-8", ctx)
+            }
+            Frame::Text(bytes) => self.on_message(&bytes, ctx),
+            Frame::Binary(_) => self.bad_frame("frames are JSON text", ctx),
+            Frame::Continuation(item) => self.on_fragment(item, ctx),
+            Frame::Ping(payload) => self.outbox.pong(payload),
+            Frame::Pong(_) => {}
+            // Answer the close handshake (RFC 6455 §5.5.1) before stopping.
+            Frame::Close(reason) => {
+                self.outbox.close(reason);
+                ctx.stop();
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl DeviceSession {
+    /// A whole text message (one frame, or reassembled fragments).
+    fn on_message(&mut self, bytes: &[u8], ctx: &mut Context<Self>) {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            return self.bad_frame("text frame is not UTF-8", ctx);
+        };
+        if text.len() > MAX_SEND_BYTES {
+            // Answered like an oversize HTTP body, where the id can be read.
+            return match wire::frame_id(text) {
+                Some(id) => {
+                    let refusal =
+                        ApiError::TooLarge(format!("frame exceeds {MAX_SEND_BYTES} bytes"));
+                    self.send_text(response_frame(&id, Err(refusal)), ctx);
+                }
+                None => self.bad_frame("message too large", ctx),
+            };
+        }
+        match wire::parse_client_frame(text) {
+            ClientFrame::Send {
+                id,
+                destination,
+                body,
+            } => self.on_send(id, destination, body, ctx),
+            ClientFrame::InvalidSend { id, reason } => {
+                self.bad_frames = 0;
+                self.send_text(response_frame(&id, Err(ApiError::BadRequest(reason))), ctx);
+            }
+            ClientFrame::Ack { guid } => {
+                self.on_ack(guid, false, ctx);
+            }
+            ClientFrame::Unusable(why) => self.bad_frame(why, ctx),
+        }
+    }
+
+    fn bad_frame(&mut self, message: &str, ctx: &mut Context<Self>) {
+        self.bad_frames += 1;
+        self.send_text(ServerFrame::Error { message }.to_text(), ctx);
+        if self.bad_frames > MAX_BAD_FRAMES {
+            log::info!("{}: too many unusable frames; closing", self.address);
+            self.close(close_code::POLICY, "too many unusable frames", ctx);
+        }
+    }
+
+    /// Reassembles a fragmented text message (bounded by [`MAX_FRAME_BYTES`]).
+    fn on_fragment(&mut self, item: Item, ctx: &mut Context<Self>) {
+        let last = matches!(item, Item::Last(_));
+        match item {
+            Item::FirstText(b) => {
+                self.skipping_fragments = false;
+                self.fragments = Some(b.to_vec());
+            }
+            Item::FirstBinary(_) => {
+                self.fragments = None;
+                self.skipping_fragments = !last;
+                self.bad_frame("frames are JSON text", ctx);
+            }
+            Item::Continue(_) | Item::Last(_) if self.skipping_fragments => {
+                self.skipping_fragments = !last;
+            }
+            Item::Continue(b) | Item::Last(b) => self.add_fragment(b, last, ctx),
+        }
+    }
+
+    fn add_fragment(&mut self, b: Bytes, last: bool, ctx: &mut Context<Self>) {
+        let Some(buf) = self.fragments.as_mut() else {
+            return self.bad_frame("continuation without a first fragment", ctx);
+        };
+        if buf.len() + b.len() > MAX_FRAME_BYTES {
+            self.fragments = None;
+            self.skipping_fragments = !last;
+            return self.bad_frame("message too large", ctx);
+        }
+        buf.extend_from_slice(&b);
+        if last {
+            let buf = self.fragments.take().unwrap_or_default();
+            self.on_message(&buf, ctx);
+        }
+    }
+
+    fn on_send(
+        &mut self,
+        id: serde_json::Number,
+        destination: String,
+        body: wire::SendRequest,
+        ctx: &mut Context<Self>,
+    ) {
+        self.bad_frames = 0;
+        self.gate.acquire();
+        let state = self.state.clone();
+        let sender = self.address;
+        let previous = self.last_routed.take();
+        let (routed_tx, routed_rx) = oneshot::channel();
+        self.last_routed = Some(routed_rx);
+        let work = async move {
+            let prepared = messaging::prepare(&state, sender, &destination, body).await;
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            match prepared {
+                Ok(prepared) => {
+                    let answer = messaging::route(&state, prepared);
+                    let _ = routed_tx.send(());
+                    answer.await
+                }
+                Err(e) => {
+                    let _ = routed_tx.send(());
+                    Err(e)
+                }
+            }
+        };
+        // A task of its own, not `ctx.spawn`: actix polls every future
+        // spawned on a context each time the actor wakes, so with hundreds
+        // of sends in flight per connection every frame would cost hundreds
+        // of polls. A task is woken alone; it runs on this thread and hands
+        // the answer back as a message. The gate is released here even if
+        // the session has gone.
+        let gate = self.gate.clone();
+        let session = ctx.address();
+        actix::spawn(async move {
+            let result = work.await;
+            if let Err(ApiError::RateLimited { .. }) = result {
+                gate.pause(RATE_LIMITED_PAUSE);
+            }
+            gate.release();
+            session.do_send(Answered { id, result });
+        });
+    }
+}
+
+/// A send's answer, back from its task (see [`DeviceSession::on_send`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Answered {
+    id: serde_json::Number,
+    result: Result<wire::SendResponse, ApiError>,
+}
+
+impl Handler<Answered> for DeviceSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Answered, ctx: &mut Context<Self>) {
+        self.send_text(response_frame(&msg.id, msg.result), ctx);
+    }
+}
+
+fn response_frame(id: &serde_json::Number, result: Result<wire::SendResponse, ApiError>) -> String {
+    match result {
+        Ok(r) => wire::response_frame(id, 200, &r),
+        Err(e) => wire::response_frame(id, e.status().as_u16(), &e.body()),
+    }
+}

@@ -1,0 +1,48 @@
+//! The WebSocket transport: one [`session::DeviceSession`] actor per
+//! connected device, beside `http/` as the other way clients reach the
+//! services. It calls down into `service/` and talks to the router only
+//! through the router's own messages.
+//!
+//! - [`session`]: the actor: lifecycle, pushes, acks, heartbeat, spills.
+//! - [`frames`]: what each frame from the device does.
+//! - [`replay`]: the mailbox replay, bounded by the device's acks.
+//! - [`held`]: the copies a connection holds, bounded.
+//! - [`gate`]: backpressure on a connection's sends.
+//! - [`transport`]: the byte stream, which a stalled peer cannot freeze.
+
+pub mod frames;
+pub mod gate;
+pub mod held;
+pub mod replay;
+pub mod session;
+pub mod transport;
+
+use actix::{Actor, AsyncContext};
+use actix_http::body::{BodyStream, MessageBody};
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use crate::domain::address::Address;
+use crate::state::State;
+use gate::{GatedStream, InflightGate};
+use session::DeviceSession;
+use transport::{ConnSocket, Inbox, Outbox};
+
+/// Answers the upgrade of an authenticated device and starts its session
+/// on this thread's arbiter.
+pub fn start(
+    req: &HttpRequest,
+    payload: web::Payload,
+    address: Address,
+    state: State,
+) -> Result<HttpResponse, actix_web::Error> {
+    let mut response = actix_http::ws::handshake(req.head())?;
+    let (outbox, body) = Outbox::new();
+    let gate = InflightGate::new(state.config.max_inflight_sends);
+    let socket = req.conn_data::<ConnSocket>().cloned();
+    let frames = GatedStream::new(Inbox::new(payload, frames::MAX_FRAME_BYTES), gate.clone());
+    DeviceSession::create(move |ctx| {
+        ctx.add_stream(frames);
+        DeviceSession::new(address, state, gate, outbox, socket)
+    });
+    Ok(response.message_body(BodyStream::new(body).boxed())?.into())
+}

@@ -1,0 +1,438 @@
+//! `DeviceSession`: one actor per connected device.
+//!
+//! It pushes copies, tracks every copy it pushed until the device
+//! acknowledges it ([`Held`]), and keeps the heartbeat. A live copy that is
+//! not acknowledged within the ack timeout, or is still unacknowledged when
+//! the connection ends, is spilled to the mailbox and its sender is answered
+//! `queued` once the spill is committed.
+//!
+//! The actor runs on its own, not inside the response body (see
+//! [`super::transport`]): a peer that stops reading cannot stop its timers,
+//! and it is cut off once its unsent output passes [`MAX_UNSENT_BYTES`] or
+//! makes no progress for [`CLIENT_TIMEOUT`].
+//!
+//! Order per (source → this device) is kept by phases: the session reads the
+//! mailbox only after the router's barrier and the replaced session's spills
+//! have settled, pushes it page by page, sends `queue-empty`, and only then
+//! pushes the live copies it buffered meanwhile. Frame handling is in
+//! [`super::frames`], the replay in [`super::replay`].
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Running, SpawnHandle,
+    WrapFuture,
+};
+use actix_http::ws::{CloseCode, CloseReason};
+use tokio::sync::oneshot;
+
+use super::gate::InflightGate;
+use super::held::{Acked, Held};
+use super::transport::{ConnSocket, Outbox};
+use crate::actors::router::{
+    AckLive, Close, Connect, Deliver, Disconnect, RouteReply, SessionHandle,
+};
+use crate::domain::address::Address;
+use crate::domain::envelope::Envelope;
+use crate::error::ApiError;
+use crate::state::State;
+use crate::store;
+use crate::wire::{self, DeliveryStatus};
+
+/// How often the server pings.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+/// A connection silent for this long is dropped; so is one whose output
+/// made no progress for this long.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Output queued for a peer that does not read, past which the connection
+/// is cut. Above what the held-copy bound lets through (16 MiB of content
+/// is ~22 MiB of base64 frames) plus answers to in-flight sends.
+pub const MAX_UNSENT_BYTES: usize = 32 * 1024 * 1024;
+/// After a close, how long the close frame (and what precedes it) may take
+/// to drain before the connection is reset.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Close codes (RFC 6455 and courier's own, as in Signal-Server).
+pub mod close_code {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const SERVER_ERROR: u16 = 1011;
+    /// The device or its account was deleted.
+    pub const REMOVED: u16 = 4401;
+    /// A newer connection of the same device took over.
+    pub const REPLACED: u16 = 4409;
+}
+
+static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Waiting for earlier spills to settle before reading the mailbox.
+    Starting,
+    /// Pushing the stored mailbox.
+    Replaying,
+    /// `queue-empty` sent; copies are pushed as they come.
+    Live,
+    /// Spilled and closing; anything arriving now is spilled straight away.
+    Closing,
+}
+
+pub struct DeviceSession {
+    pub(super) id: u64,
+    pub(super) address: Address,
+    pub(super) state: State,
+    pub(super) phase: Phase,
+    /// When the peer last sent anything.
+    pub(super) heartbeat: Instant,
+    pub(super) gate: Rc<InflightGate>,
+    pub(super) outbox: Outbox,
+    socket: Option<ConnSocket>,
+    pub(super) held: Held,
+    /// Where the replay goes on from (the last mailbox guid pushed).
+    pub(super) cursor: Option<String>,
+    /// A mailbox page is being read.
+    pub(super) loading: bool,
+    /// The ack-deadline timer, when one is armed.
+    deadline_timer: Option<SpawnHandle>,
+    /// Completes when the previous send of this connection has been routed,
+    /// so copies are routed in the order the frames arrived.
+    pub(super) last_routed: Option<oneshot::Receiver<()>>,
+    /// Fired once this session has spilled what it holds (see `Connect`).
+    settled: Option<oneshot::Sender<()>>,
+    pub(super) bad_frames: u32,
+    /// A text message arriving in fragments.
+    pub(super) fragments: Option<Vec<u8>>,
+    /// The rest of a refused fragmented message is skipped, so one bad
+    /// message earns one error frame, not one per fragment.
+    pub(super) skipping_fragments: bool,
+}
+
+impl DeviceSession {
+    pub fn new(
+        address: Address,
+        state: State,
+        gate: Rc<InflightGate>,
+        outbox: Outbox,
+        socket: Option<ConnSocket>,
+    ) -> Self {
+        DeviceSession {
+            id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
+            address,
+            state,
+            phase: Phase::Starting,
+            heartbeat: Instant::now(),
+            gate,
+            outbox,
+            socket,
+            held: Held::default(),
+            cursor: None,
+            loading: false,
+            deadline_timer: None,
+            last_routed: None,
+            settled: None,
+            bad_frames: 0,
+            fragments: None,
+            skipping_fragments: false,
+        }
+    }
+
+    /// Queues a text frame; cuts the connection if the peer is not reading.
+    pub(super) fn send_text(&mut self, text: String, ctx: &mut Context<Self>) {
+        self.outbox.text(text);
+        if self.outbox.unsent() > MAX_UNSENT_BYTES {
+            log::info!(
+                "{}: peer is not reading ({} bytes unsent); cutting the connection",
+                self.address,
+                self.outbox.unsent()
+            );
+            self.abort(ctx);
+        }
+    }
+
+    pub(super) fn push(&mut self, envelope: &Envelope, ctx: &mut Context<Self>) {
+        self.send_text(wire::message_frame(envelope), ctx);
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.state.config.ack_timeout()
+    }
+
+    /// Pushes a live copy and starts its ack clock. An ephemeral copy is
+    /// answered `delivered` once pushed: it is never stored, so nothing
+    /// waits for its ack.
+    fn push_live(&mut self, d: Deliver, ctx: &mut Context<Self>) {
+        self.push(&d.envelope, ctx);
+        if d.ephemeral {
+            let _ = d.reply.send(Ok(DeliveryStatus::Delivered));
+            return;
+        }
+        let deadline = self.deadline();
+        self.held.push_live(d, deadline);
+        self.arm_deadlines(ctx);
+    }
+
+    pub(super) fn spill_one(&self, envelope: Arc<Envelope>, reply: RouteReply) {
+        self.state
+            .writer
+            .spill_answering(self.address, envelope, reply);
+    }
+
+    /// Spills every live copy this session holds, then fires `settled` once
+    /// they are committed. Mailbox copies stay where they are. Idempotent.
+    fn spill_all(&mut self) {
+        for (envelope, reply) in self.held.take_live() {
+            self.spill_one(envelope, reply);
+        }
+        if let Some(settled) = self.settled.take() {
+            self.state.writer.barrier_then(Box::new(move |_| {
+                let _ = settled.send(());
+            }));
+        }
+    }
+
+    /// Sends a close frame and stops; see `stopped` for a peer that never
+    /// reads it.
+    pub(super) fn close(&mut self, code: u16, why: &str, ctx: &mut Context<Self>) {
+        self.phase = Phase::Closing;
+        self.spill_all();
+        self.outbox.close(Some(CloseReason {
+            code: CloseCode::from(code),
+            description: Some(why.to_owned()),
+        }));
+        ctx.stop();
+    }
+
+    /// Resets the connection at once (the peer is not reading) and stops.
+    fn abort(&mut self, ctx: &mut Context<Self>) {
+        self.phase = Phase::Closing;
+        self.spill_all();
+        self.outbox.finish();
+        if let Some(socket) = &self.socket {
+            socket.abort();
+        }
+        ctx.stop();
+    }
+
+    /// Arms the ack-deadline timer for the earliest deadline, if not armed.
+    /// It fires a little late on purpose, to expire copies in batches.
+    fn arm_deadlines(&mut self, ctx: &mut Context<Self>) {
+        if self.deadline_timer.is_some() {
+            return;
+        }
+        let Some(next) = self.held.next_deadline() else {
+            return;
+        };
+        let slack = (self.state.config.ack_timeout() / 8)
+            .clamp(Duration::from_millis(1), Duration::from_millis(100));
+        let wait = next.saturating_duration_since(Instant::now()) + slack;
+        self.deadline_timer = Some(ctx.run_later(wait, |act, ctx| {
+            act.deadline_timer = None;
+            act.expire_deadlines(ctx);
+        }));
+    }
+
+    /// Spills live copies whose ack deadline passed. The device may still ack
+    /// them: the ack then deletes the mailbox copy.
+    fn expire_deadlines(&mut self, ctx: &mut Context<Self>) {
+        for (envelope, reply) in self.held.expire(Instant::now()) {
+            self.spill_one(envelope, reply);
+        }
+        self.arm_deadlines(ctx);
+        self.resume_replay(ctx);
+    }
+
+    /// An ack from the device, by frame or by HTTP (`by_http`: the caller
+    /// deletes from the mailbox itself). `true` if it was a live copy this
+    /// session held.
+    pub(super) fn on_ack(
+        &mut self,
+        guid: uuid::Uuid,
+        by_http: bool,
+        ctx: &mut Context<Self>,
+    ) -> bool {
+        self.bad_frames = 0;
+        let live = match self.held.ack(guid) {
+            Acked::Live(reply) => {
+                // A live copy acknowledged in time: it never touches storage.
+                self.state.metrics.messages_delivered_live.inc();
+                let _ = reply.send(Ok(DeliveryStatus::Delivered));
+                true
+            }
+            // A mailbox copy, or a live copy already spilled on timeout.
+            Acked::Elsewhere => {
+                if !by_http {
+                    drop(self.state.writer.delete(self.address, guid));
+                }
+                false
+            }
+        };
+        self.resume_replay(ctx);
+        live
+    }
+
+    /// Pings every interval; drops a silent peer, or one whose output has
+    /// not moved, after [`CLIENT_TIMEOUT`].
+    fn keep_alive(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| {
+            if act.outbox.stalled_for() >= CLIENT_TIMEOUT {
+                log::info!("{}: no write progress; cutting the connection", act.address);
+                act.abort(ctx);
+                return;
+            }
+            act.outbox.ping();
+        });
+        self.watch_silence(ctx, CLIENT_TIMEOUT);
+    }
+
+    /// Checks for silence exactly when the peer would have been silent for
+    /// [`CLIENT_TIMEOUT`], then again as late as the last frame allows.
+    fn watch_silence(&mut self, ctx: &mut Context<Self>, after: Duration) {
+        ctx.run_later(after, |act, ctx| {
+            let silent = act.heartbeat.elapsed();
+            if silent >= CLIENT_TIMEOUT {
+                log::info!("{}: heartbeat timed out", act.address);
+                act.abort(ctx);
+            } else {
+                act.watch_silence(ctx, CLIENT_TIMEOUT - silent);
+            }
+        });
+    }
+
+    fn session_handle(ctx: &mut Context<Self>) -> SessionHandle {
+        let addr = ctx.address();
+        SessionHandle {
+            deliver: addr.clone().recipient(),
+            close: addr.clone().recipient(),
+            ack: addr.recipient(),
+        }
+    }
+}
+
+impl Actor for DeviceSession {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.keep_alive(ctx);
+        let (settled_tx, settled_rx) = oneshot::channel();
+        self.settled = Some(settled_tx);
+        let connect = self.state.router.send(Connect {
+            address: self.address,
+            id: self.id,
+            session: Self::session_handle(ctx),
+            settled: settled_rx,
+        });
+        let pool = self.state.pool.clone();
+        let address = self.address;
+        let registered = async move {
+            let settled = match connect.await {
+                Ok(Some(settled)) => settled,
+                _ => return Err(close_code::GOING_AWAY),
+            };
+            settled.await;
+            // Deleted between authentication and registration? The delete's
+            // `CloseDevices` may have reached the router before our `Connect`.
+            let exists = store::blocking(&pool, move |conn| {
+                store::accounts::find_secret(conn, address).map_err(ApiError::from)
+            })
+            .await;
+            match exists {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(close_code::REMOVED),
+                Err(_) => Err(close_code::SERVER_ERROR),
+            }
+        };
+        ctx.spawn(
+            registered
+                .into_actor(self)
+                .map(|registered, act, ctx| match registered {
+                    Ok(()) if act.phase == Phase::Starting => {
+                        act.phase = Phase::Replaying;
+                        act.replay_page(ctx);
+                    }
+                    Ok(()) => {}
+                    Err(close_code::REMOVED) => {
+                        act.close(close_code::REMOVED, "device removed", ctx)
+                    }
+                    Err(close_code::GOING_AWAY) => {
+                        act.close(close_code::GOING_AWAY, "server is shutting down", ctx)
+                    }
+                    Err(code) => act.close(code, "storage unavailable", ctx),
+                }),
+        );
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.phase = Phase::Closing;
+        self.spill_all();
+        self.state.router.do_send(Disconnect {
+            address: self.address,
+            id: self.id,
+        });
+        Running::Stop
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.outbox.finish();
+        // A peer that does not read never takes the close frame: reset the
+        // connection instead of leaving the dispatcher parked on it.
+        if let (false, Some(socket)) = (self.outbox.is_drained(), self.socket.take()) {
+            let outbox = self.outbox.clone();
+            actix::spawn(async move {
+                tokio::time::sleep(CLOSE_GRACE).await;
+                if !outbox.is_drained() {
+                    socket.abort();
+                }
+            });
+        }
+    }
+}
+
+impl Handler<Deliver> for DeviceSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
+        let bytes = msg.envelope.content.len();
+        match self.phase {
+            Phase::Closing if msg.ephemeral => {
+                let _ = msg.reply.send(Ok(DeliveryStatus::Dropped));
+            }
+            Phase::Closing => self.spill_one(msg.envelope, msg.reply),
+            // Ephemeral copies have no order to keep and are never held.
+            _ if msg.ephemeral => self.push_live(msg, ctx),
+            // Full: the copy goes to the mailbox now, answered `queued`.
+            _ if !self.held.has_room(bytes) => self.spill_one(msg.envelope, msg.reply),
+            Phase::Live => self.push_live(msg, ctx),
+            Phase::Replaying | Phase::Starting => {
+                let deadline = self.deadline();
+                self.held.buffer(msg, deadline);
+                self.arm_deadlines(ctx);
+            }
+        }
+    }
+}
+
+impl Handler<Close> for DeviceSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Close, ctx: &mut Self::Context) {
+        match msg {
+            Close::Replaced => self.close(close_code::REPLACED, "connected elsewhere", ctx),
+            Close::Removed => self.close(close_code::REMOVED, "device removed", ctx),
+            Close::Draining => self.close(close_code::GOING_AWAY, "server is shutting down", ctx),
+        }
+    }
+}
+
+impl Handler<AckLive> for DeviceSession {
+    type Result = bool;
+
+    fn handle(&mut self, msg: AckLive, ctx: &mut Self::Context) -> bool {
+        self.on_ack(msg.guid, true, ctx)
+    }
+}

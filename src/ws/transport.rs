@@ -1,0 +1,236 @@
+//! The WebSocket byte stream, decoupled from the session actor.
+//!
+//! actix-web-actors runs a session actor *inside* the response body, so the
+//! actor (its timers, its mailbox) only runs while the dispatcher polls that
+//! body, and the dispatcher stops polling it once ~32 KiB of output wait for
+//! a peer that does not read. A phone whose radio died would freeze its
+//! session: no ack deadlines, no heartbeat, no replacement. Here the session
+//! is an ordinary actor; the response body only drains an [`Outbox`] that the
+//! session fills, and that tells it how much is unsent and since when
+//! nothing was written, so the session can give up on a stalled peer. The
+//! request payload is decoded into frames by [`Inbox`], read only while the
+//! session's gate is open (backpressure). Framing is actix-http's `Codec`.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use actix_codec::{Decoder, Encoder};
+use actix_http::ws::{CloseReason, Codec, Frame, Message, ProtocolError};
+use actix_web::error::PayloadError;
+use actix_web::web::{Bytes, BytesMut};
+use bytestring::ByteString;
+use futures_util::Stream;
+
+/// A duplicate of a connection's socket, taken when the connection is
+/// accepted (see [`remember_socket`]), so a session can abort a connection
+/// whose peer stopped reading: the HTTP dispatcher is then parked on a write
+/// that never completes and would hold the connection until the kernel gives
+/// up (many minutes; never, while the peer's window stays shut).
+#[derive(Clone)]
+pub struct ConnSocket(Rc<socket2::Socket>);
+
+impl ConnSocket {
+    /// Resets the connection: unsent output is discarded, the peer gets an
+    /// RST, and the dispatcher's pending write fails, which ends it.
+    pub fn abort(&self) {
+        let _ = self.0.set_linger(Some(Duration::ZERO));
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
+
+/// `HttpServer::on_connect` hook: keeps a duplicate of each TCP socket in the
+/// connection's data. Costs one file descriptor per connection.
+pub fn remember_socket(conn: &dyn std::any::Any, data: &mut actix_web::dev::Extensions) {
+    if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        match socket2::SockRef::from(tcp).try_clone() {
+            Ok(socket) => {
+                data.insert(ConnSocket(Rc::new(socket)));
+            }
+            Err(e) => log::warn!("cannot duplicate a connection's socket: {e}"),
+        }
+    }
+}
+
+struct OutboxState {
+    frames: VecDeque<Bytes>,
+    unsent: usize,
+    /// When the body last handed bytes to the dispatcher (or the outbox last
+    /// went from empty to non-empty): "no write progress since".
+    progress: Instant,
+    waker: Option<Waker>,
+    /// No more frames will come: the body ends once `frames` is empty.
+    finished: bool,
+    codec: Codec,
+    scratch: BytesMut,
+}
+
+/// The session's side of the outgoing byte stream.
+#[derive(Clone)]
+pub struct Outbox(Rc<RefCell<OutboxState>>);
+
+/// The response body: yields what the session queued, as it is written.
+pub struct OutboxBody(Rc<RefCell<OutboxState>>);
+
+impl Outbox {
+    pub fn new() -> (Outbox, OutboxBody) {
+        let state = Rc::new(RefCell::new(OutboxState {
+            frames: VecDeque::new(),
+            unsent: 0,
+            progress: Instant::now(),
+            waker: None,
+            finished: false,
+            codec: Codec::new(),
+            scratch: BytesMut::new(),
+        }));
+        (Outbox(state.clone()), OutboxBody(state))
+    }
+
+    fn queue(&self, message: Message) {
+        let mut s = self.0.borrow_mut();
+        if s.finished {
+            return;
+        }
+        let s = &mut *s;
+        if s.codec.encode(message, &mut s.scratch).is_err() {
+            return;
+        }
+        let frame = s.scratch.split().freeze();
+        if s.frames.is_empty() {
+            s.progress = Instant::now();
+        }
+        s.unsent += frame.len();
+        s.frames.push_back(frame);
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+    }
+
+    pub fn text(&self, text: String) {
+        self.queue(Message::Text(ByteString::from(text)));
+    }
+
+    pub fn ping(&self) {
+        self.queue(Message::Ping(Bytes::new()));
+    }
+
+    pub fn pong(&self, payload: Bytes) {
+        self.queue(Message::Pong(payload));
+    }
+
+    /// Queues a close frame; nothing queued after it is sent.
+    pub fn close(&self, reason: Option<CloseReason>) {
+        self.queue(Message::Close(reason));
+        self.finish();
+    }
+
+    /// Ends the body once what is queued has been written.
+    pub fn finish(&self) {
+        let mut s = self.0.borrow_mut();
+        s.finished = true;
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Bytes queued but not yet taken by the dispatcher.
+    pub fn unsent(&self) -> usize {
+        self.0.borrow().unsent
+    }
+
+    /// How long output has waited with no write progress (zero when the
+    /// outbox is empty).
+    pub fn stalled_for(&self) -> Duration {
+        let s = self.0.borrow();
+        if s.frames.is_empty() {
+            Duration::ZERO
+        } else {
+            s.progress.elapsed()
+        }
+    }
+
+    /// Everything queued has been handed to the dispatcher.
+    pub fn is_drained(&self) -> bool {
+        self.0.borrow().frames.is_empty()
+    }
+}
+
+impl Stream for OutboxBody {
+    type Item = Result<Bytes, actix_web::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut s = self.0.borrow_mut();
+        match s.frames.pop_front() {
+            Some(frame) => {
+                s.unsent -= frame.len();
+                s.progress = Instant::now();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            None if s.finished => Poll::Ready(None),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Decodes the request payload into WebSocket frames, one at a time, pulling
+/// more bytes only when the buffer holds no whole frame (so a paused reader
+/// stops the socket being read). A protocol error ends the stream.
+pub struct Inbox<S> {
+    payload: S,
+    buf: BytesMut,
+    codec: Codec,
+    done: bool,
+}
+
+impl<S> Inbox<S> {
+    /// `max_frame`: the largest frame accepted; a bigger one is an error.
+    pub fn new(payload: S, max_frame: usize) -> Self {
+        Inbox {
+            payload,
+            buf: BytesMut::new(),
+            codec: Codec::new().max_size(max_frame),
+            done: false,
+        }
+    }
+}
+
+impl<S> Stream for Inbox<S>
+where
+    S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
+{
+    type Item = Result<Frame, ProtocolError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            match this.codec.decode(&mut this.buf) {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.done = true;
+                    this.buf.clear();
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.payload).poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => this.buf.extend_from_slice(&bytes),
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(ProtocolError::Io(std::io::Error::other(e)))));
+                }
+                Poll::Ready(None) => this.done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
