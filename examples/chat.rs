@@ -22,6 +22,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
+/// The repository's libsignal key vectors, built into the example so it runs
+/// from any working directory.
+const VECTORS: &str = include_str!("../tests/data/libsignal-keys.json");
+
 #[derive(Parser)]
 struct Cli {
     /// courier's base URL.
@@ -64,10 +68,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .as_str()
                 .ok_or("registration failed")?
                 .to_owned();
-            let vectors: Value = serde_json::from_str(&std::fs::read_to_string(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../shared/vectors/libsignal-keys.json"
-            ))?)?;
+            let vectors: Value = serde_json::from_str(VECTORS)?;
             let keys = &vectors["valid"][(now_ms() % 8) as usize];
             http.put(format!("{}/v1/keys", cli.server))
                 .basic_auth(&login, Some(&password))

@@ -6,8 +6,8 @@
 
 The checked-in seeds (fuzz/seeds) hold no libsignal material: their keys are random bytes with the
 right type byte and length, so they decode but never verify. Seeds with real, verifying XEdDSA
-signatures come from ../shared/vectors/libsignal-keys.json, which lives beside the repository and
-is never copied into it; this script writes them into the gitignored fuzz/corpus/ instead.
+signatures come from the repository's test data, tests/data/libsignal-keys.json; this script writes
+them into the gitignored fuzz/corpus/ rather than committing a second copy.
 """
 import base64
 import json
@@ -16,7 +16,7 @@ import random
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VECTORS = os.path.join(HERE, "..", "..", "shared", "vectors", "libsignal-keys.json")
+VECTORS = os.path.join(HERE, "..", "tests", "data", "libsignal-keys.json")
 UUID = "6f1c3d2e-8b4a-4c1e-9f00-0123456789ab"
 
 

@@ -1,6 +1,6 @@
 //! SPEC "Keys": `PUT /v1/keys`, `GET /v1/keys/count`, `GET /v1/keys/{uuid}/{deviceId}`.
 //!
-//! Key material comes from the libsignal-made vectors (`../shared/vectors`);
+//! Key material comes from the libsignal-made vectors (`tests/data`);
 //! one-time EC keys are unsigned, so the tests make their own (`0x05` + 32
 //! bytes). PQ one-time keys must be signed by the identity key: the tests
 //! reuse a vector's Kyber last-resort key and signature under another keyId.

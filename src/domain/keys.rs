@@ -213,10 +213,10 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
-    /// Made by libsignal; lives beside the repo and is never copied into it.
+    /// Made by libsignal (see `tests/data/README.md`).
     const VECTORS: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/vectors/libsignal-keys.json"
+        "/tests/data/libsignal-keys.json"
     );
 
     fn vectors() -> Value {

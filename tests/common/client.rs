@@ -15,13 +15,13 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::TestServer;
 
-/// The libsignal-made key vectors (`../shared/vectors`).
+/// The libsignal-made key vectors (`tests/data/libsignal-keys.json`).
 pub fn vectors() -> Value {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/vectors/libsignal-keys.json"
+        "/tests/data/libsignal-keys.json"
     );
-    let text = std::fs::read_to_string(path).expect("read ../shared/vectors/libsignal-keys.json");
+    let text = std::fs::read_to_string(path).expect("read tests/data/libsignal-keys.json");
     serde_json::from_str(&text).expect("vectors are JSON")
 }
 

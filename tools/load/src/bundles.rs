@@ -27,11 +27,11 @@ use serde_json::{json, Value};
 use crate::client::{self, Device};
 use crate::stats::{per_sec, round1, Latency, Progress, Report};
 
-/// Where the repository's libsignal key vectors live (`/work/shared/vectors`
-/// next to the checkout).
+/// The repository's libsignal key vectors (`tests/data/libsignal-keys.json`
+/// at the top of the checkout).
 pub const DEFAULT_VECTORS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/vectors/libsignal-keys.json"
+    "/../../tests/data/libsignal-keys.json"
 );
 
 /// The SPEC's bound on one-time keys per upload.
