@@ -25,11 +25,11 @@
 //! PostgreSQL picks it `FOR UPDATE SKIP LOCKED`), so it holds across shards
 //! and across processes sharing one PostgreSQL database too.
 
-use std::sync::{mpsc, Arc};
-use std::thread;
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
+use super::group_commit::GroupCommit;
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::store::keys::{Bundle, KeySet, UploadRefusal};
 use crate::store::{self, Pool, StoreError};
@@ -67,7 +67,7 @@ enum KeysRequest {
 /// handle is dropped.
 #[derive(Clone)]
 pub struct KeysActor {
-    shards: Arc<[mpsc::Sender<KeysRequest>]>,
+    shards: Arc<[GroupCommit<KeysRequest>]>,
 }
 
 impl KeysActor {
@@ -75,13 +75,15 @@ impl KeysActor {
     pub fn start(pool: Pool, max_one_time_keys: u64, shards: usize) -> KeysActor {
         let shards: Arc<[_]> = (0..shards.max(1))
             .map(|i| {
-                let (tx, rx) = mpsc::channel();
                 let pool = pool.clone();
-                thread::Builder::new()
-                    .name(format!("keys-actor-{i}"))
-                    .spawn(move || run(pool, max_one_time_keys, rx))
-                    .expect("cannot spawn a keys actor thread");
-                tx
+                let (shard, _) =
+                    GroupCommit::start(format!("keys-actor-{i}"), MAX_BATCH, move |batch| {
+                        let requests = std::mem::take(batch);
+                        if let Err(e) = serve_batch(&pool, max_one_time_keys, requests) {
+                            log::error!("keys batch failed: {e}");
+                        }
+                    });
+                shard
             })
             .collect();
         KeysActor { shards }
@@ -89,7 +91,7 @@ impl KeysActor {
 
     /// The shard that owns `account`: account ids are random UUIDs, so their
     /// low bits spread accounts evenly.
-    fn shard(&self, account: &AccountId) -> &mpsc::Sender<KeysRequest> {
+    fn shard(&self, account: &AccountId) -> &GroupCommit<KeysRequest> {
         let n = self.shards.len() as u128;
         &self.shards[(account.0.as_u128() % n) as usize]
     }
@@ -101,7 +103,7 @@ impl KeysActor {
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.shard(account)
-            .send(make(reply))
+            .push(make(reply))
             .map_err(|_| StoreError::Stopped("keys actor"))?;
         answer
             .await
@@ -141,24 +143,6 @@ impl KeysActor {
         })
         .await
     }
-}
-
-fn run(pool: Pool, max_one_time_keys: u64, rx: mpsc::Receiver<KeysRequest>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
-            }
-        }
-        let requests = std::mem::take(&mut batch);
-        if let Err(e) = serve_batch(&pool, max_one_time_keys, requests) {
-            log::error!("keys batch failed: {e}");
-        }
-    }
-    log::debug!("keys actor stopped");
 }
 
 /// An answer computed inside the transaction, sent only after the commit.

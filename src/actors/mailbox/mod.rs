@@ -14,13 +14,13 @@
 pub mod quota;
 
 use std::collections::HashMap;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::group_commit::GroupCommit;
 use super::router::RouteReply;
 use uuid::Uuid;
 
@@ -85,7 +85,7 @@ enum Op {
 /// handle is dropped and the queue is empty.
 #[derive(Clone)]
 pub struct MailboxWriter {
-    tx: mpsc::Sender<Op>,
+    worker: GroupCommit<Op>,
     quota: Arc<Quota>,
 }
 
@@ -99,13 +99,12 @@ impl MailboxWriter {
         metrics: Metrics,
         quota: Arc<Quota>,
     ) -> (MailboxWriter, thread::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel();
         let thread_quota = quota.clone();
-        let handle = thread::Builder::new()
-            .name("mailbox-writer".into())
-            .spawn(move || run(pool, metrics, thread_quota, rx))
-            .expect("cannot spawn the mailbox writer thread");
-        (MailboxWriter { tx, quota }, handle)
+        let (worker, handle) =
+            GroupCommit::start("mailbox-writer".into(), MAX_BATCH, move |batch| {
+                commit(&pool, &metrics, &thread_quota, batch)
+            });
+        (MailboxWriter { worker, quota }, handle)
     }
 
     /// The quota this writer keeps counts for.
@@ -114,7 +113,7 @@ impl MailboxWriter {
     }
 
     fn push(&self, op: Op) {
-        if let Err(mpsc::SendError(op)) = self.tx.send(op) {
+        if let Err(op) = self.worker.push(op) {
             // Only after the thread died: fail the write so nobody waits forever.
             let done = match op {
                 Op::Spill { done, .. }
@@ -198,21 +197,6 @@ impl MailboxWriter {
         })));
         rx
     }
-}
-
-fn run(pool: Pool, metrics: Metrics, quota: Arc<Quota>, rx: mpsc::Receiver<Op>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        commit(&pool, &metrics, &quota, &mut batch);
-    }
-    log::debug!("mailbox writer stopped");
 }
 
 /// Commits `batch` as one transaction; if that fails, retries once after a
