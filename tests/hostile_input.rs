@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use courier::domain::keys::{check_signed_ec_key, check_signed_kyber_key, ec_public_key};
-use courier::service::keys::check_upload;
+use courier::domain::prekeys::check_upload;
 use courier::wire::{parse_client_frame, ClientFrame, KeyUpload};
 use futures_util::SinkExt;
 use proptest::collection::vec;
@@ -1073,7 +1073,7 @@ fn upload_effect(body: Option<&[u8]>, owner: &Uploaded) -> UploadEffect {
     if b64(&keys.identity_key) != v["identityKey"] {
         return UploadEffect::Refused;
     }
-    let same = |stored: &Value, key: &courier::store::keys::SignedKey| {
+    let same = |stored: &Value, key: &courier::domain::prekeys::SignedKey| {
         stored["keyId"] == key.key_id
             && stored["publicKey"] == b64(&key.public_key)
             && stored["signature"] == b64(&key.signature)

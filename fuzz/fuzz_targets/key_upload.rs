@@ -5,8 +5,8 @@
 #![no_main]
 
 use courier::domain::keys::{EC_KEY_LEN, EC_TYPE, KYBER_KEY_LEN, KYBER_TYPE, SIGNATURE_LEN};
-use courier::service::keys::{check_upload, MAX_KEYS_PER_UPLOAD};
-use courier::store::keys::SignedKey;
+use courier::domain::prekeys::{check_upload, MAX_KEYS_PER_UPLOAD};
+use courier::domain::prekeys::SignedKey;
 use courier::wire::KeyUpload;
 use libfuzzer_sys::fuzz_target;
 
@@ -41,6 +41,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Err(e) => {
+            let e = courier::error::ApiError::from(e);
             assert!(e.status().is_client_error(), "{e:?} is not a 4xx");
             let body = e.body();
             assert!(body["error"].is_string() && body["message"].is_string());

@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 
 use super::group_commit::GroupCommit;
 use crate::domain::address::{AccountId, Address, DeviceId};
-use crate::store::keys::{Bundle, KeySet, UploadRefusal};
+use crate::domain::prekeys::{Bundle, KeySet, UploadRefusal};
 use crate::store::{self, Pool, StoreError};
 
 /// Requests taken into one transaction at most.

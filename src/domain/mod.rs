@@ -4,4 +4,5 @@ pub mod address;
 pub mod device_set;
 pub mod envelope;
 pub mod keys;
+pub mod prekeys;
 pub mod secret;

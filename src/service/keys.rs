@@ -1,109 +1,20 @@
-//! Key distribution: checking uploads (decoding, XEdDSA signatures, limits)
-//! and turning stored keys into the SPEC's bundle. All prekey storage goes
-//! through the `KeysActor`.
-
-use std::collections::BTreeSet;
-
-use curve25519_dalek::montgomery::MontgomeryPoint;
+//! Key distribution: uploads (checked by `domain::prekeys`, stored by the
+//! `KeysActor`), counts, and bundles turned into their JSON form.
 
 use crate::domain::address::{AccountId, Address, DeviceId};
-use crate::domain::keys::{self as k, KeyError};
+use crate::domain::prekeys::{check_upload, SignedKey, UploadError, UploadRefusal};
 use crate::error::ApiError;
 use crate::state::State;
-use crate::store::keys::{KeySet, OneTimeKey, SignedKey, UploadRefusal};
 use crate::wire::{self, b64, BundleResponse, KeyCount, KeyUpload};
 
-/// One-time keys of each kind (EC, PQ) one upload may carry.
-pub const MAX_KEYS_PER_UPLOAD: usize = 100;
-
-/// Decodes and verifies a whole upload (pure, CPU-bound: run it off the executor).
-pub fn check_upload(upload: KeyUpload) -> Result<KeySet, ApiError> {
-    let pre_keys = upload.pre_keys.unwrap_or_default();
-    let pq_pre_keys = upload.pq_pre_keys.unwrap_or_default();
-    if pre_keys.len() > MAX_KEYS_PER_UPLOAD || pq_pre_keys.len() > MAX_KEYS_PER_UPLOAD {
-        return Err(ApiError::TooLarge(format!(
-            "at most {MAX_KEYS_PER_UPLOAD} preKeys and {MAX_KEYS_PER_UPLOAD} pqPreKeys per upload"
-        )));
-    }
-    unique_ids("preKeys", pre_keys.iter().map(|p| p.key_id))?;
-    unique_ids("pqPreKeys", pq_pre_keys.iter().map(|p| p.key_id))?;
-
-    let identity = k::ec_public_key("identityKey", &upload.identity_key)?;
-    if !usable_identity(&identity) {
-        // Beyond libsignal: a low-order identity key makes forged signatures
-        // trivial, so it is refused outright.
-        return Err(KeyError::Signature {
-            field: "identityKey".into(),
-        }
-        .into());
-    }
-    let signed =
-        |field: &str, key: &wire::SignedPreKey, kyber: bool| -> Result<SignedKey, ApiError> {
-            let public_key = if kyber {
-                k::check_signed_kyber_key(&identity, field, &key.public_key, &key.signature)?
-            } else {
-                k::check_signed_ec_key(&identity, field, &key.public_key, &key.signature)?.to_vec()
-            };
-            Ok(SignedKey {
-                key_id: key.key_id,
-                public_key,
-                signature: k::signature(field, &key.signature)?.to_vec(),
-            })
-        };
-    let signed_pre_key = upload
-        .signed_pre_key
-        .as_ref()
-        .map(|s| signed("signedPreKey", s, false))
-        .transpose()?;
-    let pq_last_resort = upload
-        .pq_last_resort_pre_key
-        .as_ref()
-        .map(|s| signed("pqLastResortPreKey", s, true))
-        .transpose()?;
-    let one_time = pre_keys
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            Ok(OneTimeKey {
-                key_id: p.key_id,
-                public_key: k::ec_public_key(&format!("preKeys[{i}].publicKey"), &p.public_key)?
-                    .to_vec(),
-            })
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
-    let pq_one_time = pq_pre_keys
-        .iter()
-        .enumerate()
-        .map(|(i, p)| signed(&format!("pqPreKeys[{i}]"), p, true))
-        .collect::<Result<Vec<_>, ApiError>>()?;
-    Ok(KeySet {
-        identity_key: identity.to_vec(),
-        signed_pre_key,
-        pq_last_resort,
-        one_time,
-        pq_one_time,
-    })
-}
-
-fn unique_ids(field: &str, ids: impl Iterator<Item = u32>) -> Result<(), ApiError> {
-    let mut seen = BTreeSet::new();
-    for id in ids {
-        if !seen.insert(id) {
-            return Err(ApiError::bad_request(format!(
-                "{field}: keyId {id} appears twice"
-            )));
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> Self {
+        match e {
+            UploadError::TooMany => ApiError::TooLarge(e.to_string()),
+            UploadError::DuplicateId { .. } => ApiError::bad_request(e.to_string()),
+            UploadError::Key(k) => k.into(),
         }
     }
-    Ok(())
-}
-
-/// The identity key must be a Curve25519 point of large order.
-fn usable_identity(key: &[u8; k::EC_KEY_LEN]) -> bool {
-    let mut u = [0u8; 32];
-    u.copy_from_slice(&key[1..]);
-    MontgomeryPoint(u)
-        .to_edwards(0)
-        .is_some_and(|p| !p.is_small_order())
 }
 
 /// `PUT /v1/keys`: all of it stored, or (on any error) nothing.
