@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Actor;
+use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::{from_fn, Logger};
 use actix_web::{web, App, HttpServer};
 
@@ -23,7 +24,7 @@ use crate::limits::Limiters;
 use crate::metrics::Metrics;
 use crate::service::credentials::Credentials;
 use crate::service::directory::Directory;
-use crate::state::AppState;
+use crate::state::{AppState, State};
 use crate::{http, store, systemd};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +55,34 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let config = Arc::new(config);
     let local = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| config.bind.clone());
+    let state = start(Arc::new(config)).await?;
+    let server = serve(state.clone(), listener)?;
+    let handle = server.handle();
+    let mut serving = actix_web::rt::spawn(server);
+    systemd::ready(&format!("serving on {local}"));
+    log::info!("courier ready");
+    tokio::select! {
+        _ = shutdown => {}
+        result = &mut serving => {
+            // The server stopped by itself: an I/O failure.
+            return match result {
+                Ok(r) => r.map_err(RunError::Io),
+                Err(e) => Err(RunError::Io(std::io::Error::other(e.to_string()))),
+            };
+        }
+    }
+    drain(&state, &handle).await;
+    let _ = serving.await;
+    log::info!("courier stopped");
+    Ok(())
+}
+
+/// Opens and migrates the database and starts the actors.
+async fn start(config: Arc<Config>) -> Result<State, RunError> {
     let backend = store::Backend::from_url(&config.database_url)?;
     let migrate_config = config.clone();
     let (pool, ran) = web::block(move || migrate(&migrate_config))
@@ -76,7 +100,7 @@ pub async fn run(
     let quota = Quota::new(config.mailbox_max_messages, config.device_cache_ttl());
     let (writer, _writer_thread) = MailboxWriter::start(pool.clone(), metrics.clone(), quota);
     let router = Router::new(writer.clone(), metrics.clone()).start();
-    let key_shards = match store::Backend::from_url(&config.database_url)? {
+    let key_shards = match backend {
         store::Backend::Postgres(_) => crate::actors::keys::PG_SHARDS,
         store::Backend::Sqlite(_) => 1,
     };
@@ -84,21 +108,34 @@ pub async fn run(
     let state = web::Data::new(AppState {
         config: config.clone(),
         pool,
-        router: router.clone(),
+        router,
         keys,
-        writer: writer.clone(),
+        writer,
         limits: Limiters::new(&config, metrics.clone()),
         metrics,
         directory: Directory::new(config.device_cache_ttl()),
         credentials: Credentials::new(config.device_cache_ttl()),
         draining: AtomicBool::new(false),
     });
-    let _sweeper = Sweeper::new(state.clone()).start();
+    Sweeper::new(state.clone()).start();
+    if let Some(interval) = systemd::watchdog_interval() {
+        actix_web::rt::spawn(async move {
+            let mut tick = actix_web::rt::time::interval(interval);
+            loop {
+                tick.tick().await;
+                systemd::watchdog();
+            }
+        });
+    }
+    Ok(state)
+}
 
-    let app_state = state.clone();
+/// The HTTP server on `listener`, not yet running.
+fn serve(state: State, listener: TcpListener) -> Result<Server, RunError> {
+    let config = state.config.clone();
     let mut server = HttpServer::new(move || {
         App::new()
-            .app_data(app_state.clone())
+            .app_data(state.clone())
             // Access log: method, path without the query (it may carry a
             // password), status, size, time. Never headers or bodies.
             .wrap(
@@ -120,45 +157,22 @@ pub async fn run(
     if config.workers > 0 {
         server = server.workers(config.workers);
     }
-    let server = server.run();
-    let handle = server.handle();
-    let mut serving = actix_web::rt::spawn(server);
-    systemd::ready(&format!("serving on {local}"));
-    log::info!("courier ready");
+    Ok(server.run())
+}
 
-    if let Some(interval) = systemd::watchdog_interval() {
-        actix_web::rt::spawn(async move {
-            let mut tick = actix_web::rt::time::interval(interval);
-            loop {
-                tick.tick().await;
-                systemd::watchdog();
-            }
-        });
-    }
-
-    tokio::select! {
-        _ = shutdown => {}
-        result = &mut serving => {
-            // The server stopped by itself: an I/O failure.
-            return match result {
-                Ok(r) => r.map_err(RunError::Io),
-                Err(e) => Err(RunError::Io(std::io::Error::other(e.to_string()))),
-            };
-        }
-    }
-
+/// The graceful drain: refuse new work, have every session spill and close
+/// with 1001, wait for the mailbox writer, stop the HTTP server.
+async fn drain(state: &State, handle: &ServerHandle) {
     log::info!("shutting down: draining live sessions");
     systemd::stopping("draining");
     state.draining.store(true, Ordering::Release);
     handle.pause().await;
-    let drained = actix_web::rt::time::timeout(config.drain_timeout(), router.send(Drain)).await;
+    let timeout = state.config.drain_timeout();
+    let drained = actix_web::rt::time::timeout(timeout, state.router.send(Drain)).await;
     if drained.is_err() {
-        log::warn!("drain did not finish within {:?}", config.drain_timeout());
+        log::warn!("drain did not finish within {timeout:?}");
     }
     // Everything spilled so far is committed before we report done.
-    let _ = writer.barrier().await;
+    let _ = state.writer.barrier().await;
     handle.stop(true).await;
-    let _ = serving.await;
-    log::info!("courier stopped");
-    Ok(())
 }
