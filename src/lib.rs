@@ -3,7 +3,8 @@
 //! and stores and forwards opaque ciphertext. It never sees plaintext.
 //!
 //! # Layout
-//! - [`app`]: wiring and the graceful drain; [`config`]: defaults ← TOML ← env.
+//! - [`app`]: wiring (start, serve) and the graceful drain; [`config`]: defaults ← TOML ← env;
+//!   [`state`]: the handles every handler and session shares.
 //! - [`http`]: thin handlers, one file per SPEC resource; [`wire`]: JSON bodies and frames.
 //! - [`ws`]: the WebSocket transport: the device session actor, its frames,
 //!   its replay and its held copies, and the byte stream under it.

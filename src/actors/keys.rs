@@ -7,18 +7,18 @@
 //! request queued at that moment and runs them in ONE transaction (uploads
 //! each in a savepoint, so a refused one rolls back alone), then answers
 //! them all after the commit. A request that fails fails the batch. On SQLite with
-//! `synchronous=FULL` a commit costs an fsync (~3 ms on this class of disk),
-//! so one transaction per fetch would cap bundles at a few hundred a second;
-//! group commit pays that once per batch. Nobody is answered before the
+//! `synchronous=FULL` a commit costs an fsync, so one transaction per fetch
+//! would cap bundles at a few hundred a second; group commit pays that once
+//! per batch (figures in BENCHMARKS.md). Nobody is answered before the
 //! commit, so a handed-out key is durably gone.
 //!
 //! On PostgreSQL the actor is split into [`PG_SHARDS`] shards, each its own
 //! thread, queue and connection, and an account always maps to the same
 //! shard: every key operation on one account is still serialised in this
 //! process, while fetches for different accounts no longer wait for each
-//! other's round trips (one shard kept the database half idle: ~3,000
-//! bundles/s with both server and database below one core). SQLite has one
-//! writer at a time anyway, so it keeps one shard.
+//! other's round trips (one shard kept the database half idle; see
+//! BENCHMARKS.md). SQLite has one writer at a time anyway, so it keeps one
+//! shard.
 //!
 //! The at-most-once guarantee itself is the store's
 //! (`store::keys::take_bundle` deletes each key as it reads it, and on

@@ -150,7 +150,7 @@ pub fn take_bundle(
     let id = account.as_db();
     let bundle = match conn {
         // One statement, atomic alone, so no savepoint (two more round
-        // trips, ~15% of the throughput). Should it fail, PostgreSQL aborts
+        // trips, a visible share of the throughput). Should it fail, PostgreSQL aborts
         // the transaction: the keys actor then fails its whole batch and
         // `store::write_batch` refuses to report an aborted transaction as
         // committed, so every request in it is answered with an error and
@@ -166,7 +166,7 @@ pub fn take_bundle(
 /// The whole of [`take_bundle`] on PostgreSQL in ONE statement, so a fetch
 /// costs one round trip instead of six: the keys actor runs fetches one
 /// after another, and on a loaded two-core box a round trip to the server
-/// process is ~0.1 ms, which capped bundles at ~1,200/s.
+/// process is a real cost, which capped bundles (see BENCHMARKS.md).
 ///
 /// `dev` is every device with a signed prekey (one device when `$2` is set);
 /// `ec_pick` and `pq_pick` lock, per device, the lowest-id one-time key that
@@ -245,7 +245,7 @@ struct TakenDevice {
 
 /// [`TAKE_BUNDLE_PG`] as a Diesel query that, unlike `sql_query`, goes
 /// through the connection's prepared-statement cache: planning this
-/// statement costs more than running it (~0.45 ms against ~0.2 ms).
+/// statement costs more than running it (BENCHMARKS.md, "bundles").
 struct TakeBundlePg {
     account: String,
     device: Option<i64>,
