@@ -11,9 +11,10 @@
 //! exactly under any concurrency within one process.
 //!
 //! Stored counts are read by the mailbox writer's thread, in order with its
-//! own commits, and kept up to date by it; a count no slot holds is read
-//! again after `ttl`, which bounds how long writes by another process sharing
-//! the database (or the retention sweep) go unseen.
+//! own commits, and kept up to date by it; each count is read again after
+//! `ttl`, which bounds how long writes by another process sharing the
+//! database (or the retention sweep) go unseen. Reservations are this
+//! process's own and survive the re-read.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -66,11 +67,7 @@ impl Quota {
         let ttl = self.ttl;
         let unknown: Vec<Address> = dests
             .iter()
-            .filter(|d| {
-                slots
-                    .get(d)
-                    .is_none_or(|s| s.reserved == 0 && s.loaded.elapsed() > ttl)
-            })
+            .filter(|d| slots.get(d).is_none_or(|s| s.loaded.elapsed() > ttl))
             .copied()
             .collect();
         if !unknown.is_empty() {
@@ -114,7 +111,8 @@ impl Quota {
     }
 
     /// From the writer thread: counts it just read, after its last commit.
-    /// A slot already loaded keeps its own (it has seen every commit since).
+    /// A slot loaded within `ttl` keeps its own (it has seen every commit
+    /// since); a stale one takes the new count and keeps its reservations.
     pub fn loaded(&self, counts: &[(Address, i64)]) {
         let mut slots = self.slots();
         if slots.len() + counts.len() > MAX_DEVICES {
@@ -122,16 +120,21 @@ impl Quota {
         }
         let ttl = self.ttl;
         for &(dest, stored) in counts {
-            let fresh = Slot {
-                stored,
-                reserved: 0,
-                loaded: Instant::now(),
-            };
             match slots.get_mut(&dest) {
-                Some(s) if s.reserved > 0 || s.loaded.elapsed() <= ttl => {}
-                Some(s) => *s = fresh,
+                Some(s) if s.loaded.elapsed() <= ttl => {}
+                Some(s) => {
+                    s.stored = stored;
+                    s.loaded = Instant::now();
+                }
                 None => {
-                    slots.insert(dest, fresh);
+                    slots.insert(
+                        dest,
+                        Slot {
+                            stored,
+                            reserved: 0,
+                            loaded: Instant::now(),
+                        },
+                    );
                 }
             }
         }
@@ -233,11 +236,18 @@ mod tests {
         let slots = granted(q.reserve(&[addr(1)]));
         assert_eq!(q.slots()[&addr(1)].stored, 1);
         drop(slots);
-        let q = Quota::new(5, Duration::ZERO);
-        q.loaded(&[(addr(1), 1)]);
-        std::thread::sleep(Duration::from_millis(2));
+        let q = Quota::new(5, Duration::from_millis(50));
+        q.loaded(&[(addr(1), 0)]);
+        let held = granted(q.reserve(&[addr(1)]));
+        std::thread::sleep(Duration::from_millis(60));
+        // Stale: asked again, even while a slot is reserved.
+        assert!(matches!(q.reserve(&[addr(1)]), Reserve::Unknown(_)));
+        // Re-read: the count changes, the reservation stays.
         q.loaded(&[(addr(1), 4)]);
         assert_eq!(q.slots()[&addr(1)].stored, 4);
+        assert_eq!(q.slots()[&addr(1)].reserved, 1);
+        assert!(matches!(q.reserve(&[addr(1)]), Reserve::Full));
+        drop(held);
     }
 
     #[test]
