@@ -2,8 +2,10 @@
 //! (UUIDv7, so by acceptance time) within each device.
 //!
 //! Writes arrive here only from the mailbox writer's thread, in batches
-//! ([`apply`]); reads ([`load_page`], [`count_for_devices`]) come from the
-//! blocking pool and never hold a transaction open across pages.
+//! ([`apply`]), and from the sweeper ([`delete_expired`]); reads
+//! ([`load_page`]) come from the blocking pool and never hold a transaction
+//! open across pages. Both writers read before they write, so both run in
+//! [`write_batch`](super::write_batch) (`BEGIN IMMEDIATE` on SQLite).
 
 use diesel::prelude::*;
 use uuid::Uuid;
@@ -13,8 +15,8 @@ use std::collections::HashMap;
 use diesel::upsert::excluded;
 
 use super::schema::{mailbox, mailbox_counts};
-use super::{with_conn, Conn, StoreError};
-use crate::domain::address::{AccountId, Address, DeviceId};
+use super::{with_conn, write_batch, Conn, StoreError};
+use crate::domain::address::{Address, DeviceId};
 use crate::domain::envelope::Envelope;
 
 /// One write in a batch, applied in order.
@@ -101,65 +103,73 @@ pub enum Outcome {
 /// did. Consecutive inserts go out as one multi-row INSERT. The per-device
 /// cap is enforced here, against the committed count plus this batch, so
 /// concurrent senders can never push a mailbox past it.
+///
+/// The count is read before the inserts, so on SQLite the transaction must
+/// take the write lock up front ([`write_batch`](super::write_batch)): a
+/// deferred one fails with `SQLITE_BUSY_SNAPSHOT`, which no busy timeout
+/// waits out, whenever another connection commits between the read and the
+/// first write.
 pub fn apply(conn: &mut Conn, writes: &[Write<'_>], cap: i64) -> Result<Vec<Outcome>, StoreError> {
-    with_conn!(conn, c => c.transaction::<_, StoreError, _>(|c| {
-        let mut results = Vec::with_capacity(writes.len());
-        let mut pending: Vec<Row> = Vec::new();
-        // Per device: (committed count, read on first insert; change so far).
-        let mut counts: HashMap<(String, i64), (Option<i64>, i64)> = HashMap::new();
-        for w in writes {
-            match w {
-                Write::Insert { dest, envelope } => {
-                    let key = (dest.account.as_db(), dest.device.as_db());
-                    let entry = counts.entry(key).or_insert((None, 0));
-                    let stored = match entry.0 {
-                        Some(n) => n,
-                        None => {
-                            let n: Option<i64> = mailbox_counts::table
-                                .filter(mailbox_counts::account.eq(dest.account.as_db()))
-                                .filter(mailbox_counts::device_id.eq(dest.device.as_db()))
-                                .select(mailbox_counts::messages)
-                                .first(c)
-                                .optional()?;
-                            *entry.0.insert(n.unwrap_or(0))
-                        }
-                    };
-                    if stored + entry.1 >= cap {
-                        results.push(Outcome::Full);
-                        continue;
-                    }
-                    entry.1 += 1;
-                    pending.push(row(*dest, envelope));
-                    results.push(Outcome::Stored);
-                }
-                Write::Delete { dest, guid } => {
-                    for chunk in pending.chunks(INSERT_CHUNK) {
-                        insert_rows!(c, chunk)?;
-                    }
-                    pending.clear();
-                    let n = diesel::delete(mailbox::table)
-                        .filter(mailbox::account.eq(dest.account.as_db()))
-                        .filter(mailbox::device_id.eq(dest.device.as_db()))
-                        .filter(mailbox::guid.eq(guid.hyphenated().to_string()))
-                        .execute(c)?;
-                    if n > 0 {
+    write_batch(conn, |conn| {
+        with_conn!(conn, c => {
+            let mut results = Vec::with_capacity(writes.len());
+            let mut pending: Vec<Row> = Vec::new();
+            // Per device: (committed count, read on first insert; change so far).
+            let mut counts: HashMap<(String, i64), (Option<i64>, i64)> = HashMap::new();
+            for w in writes {
+                match w {
+                    Write::Insert { dest, envelope } => {
                         let key = (dest.account.as_db(), dest.device.as_db());
-                        counts.entry(key).or_insert((None, 0)).1 -= 1;
-                        results.push(Outcome::Deleted);
-                    } else {
-                        results.push(Outcome::Absent);
+                        let entry = counts.entry(key).or_insert((None, 0));
+                        let stored = match entry.0 {
+                            Some(n) => n,
+                            None => {
+                                let n: Option<i64> = mailbox_counts::table
+                                    .filter(mailbox_counts::account.eq(dest.account.as_db()))
+                                    .filter(mailbox_counts::device_id.eq(dest.device.as_db()))
+                                    .select(mailbox_counts::messages)
+                                    .first(c)
+                                    .optional()?;
+                                *entry.0.insert(n.unwrap_or(0))
+                            }
+                        };
+                        if stored + entry.1 >= cap {
+                            results.push(Outcome::Full);
+                            continue;
+                        }
+                        entry.1 += 1;
+                        pending.push(row(*dest, envelope));
+                        results.push(Outcome::Stored);
+                    }
+                    Write::Delete { dest, guid } => {
+                        for chunk in pending.chunks(INSERT_CHUNK) {
+                            insert_rows!(c, chunk)?;
+                        }
+                        pending.clear();
+                        let n = diesel::delete(mailbox::table)
+                            .filter(mailbox::account.eq(dest.account.as_db()))
+                            .filter(mailbox::device_id.eq(dest.device.as_db()))
+                            .filter(mailbox::guid.eq(guid.hyphenated().to_string()))
+                            .execute(c)?;
+                        if n > 0 {
+                            let key = (dest.account.as_db(), dest.device.as_db());
+                            counts.entry(key).or_insert((None, 0)).1 -= 1;
+                            results.push(Outcome::Deleted);
+                        } else {
+                            results.push(Outcome::Absent);
+                        }
                     }
                 }
             }
-        }
-        for chunk in pending.chunks(INSERT_CHUNK) {
-            insert_rows!(c, chunk)?;
-        }
-        for ((account, device), (_, delta)) in counts {
-            adjust_count!(c, &account, device, delta)?;
-        }
-        Ok(results)
-    }))
+            for chunk in pending.chunks(INSERT_CHUNK) {
+                insert_rows!(c, chunk)?;
+            }
+            for ((account, device), (_, delta)) in counts {
+                adjust_count!(c, &account, device, delta)?;
+            }
+            Ok(results)
+        })
+    })
 }
 
 fn row(dest: Address, e: &Envelope) -> Row {
@@ -216,51 +226,37 @@ fn envelope(r: Row) -> Option<Envelope> {
     parsed
 }
 
-/// Copies waiting per device of `account`, for the mailbox cap: one row
-/// per device from `mailbox_counts`, never a count over the mailbox.
-pub fn count_for_devices(
-    conn: &mut Conn,
-    account: AccountId,
-) -> Result<Vec<(DeviceId, i64)>, StoreError> {
-    let id = account.as_db();
-    let rows: Vec<(i64, i64)> = with_conn!(conn, c => mailbox_counts::table
-        .filter(mailbox_counts::account.eq(&id))
-        .select((mailbox_counts::device_id, mailbox_counts::messages))
-        .load(c))?;
-    Ok(rows
-        .into_iter()
-        .map(|(d, n)| (DeviceId::from_db(d), n))
-        .collect())
-}
-
 /// Deletes copies accepted before `before_ms`, at most `limit` per call
 /// and in one transaction with the counts, so a sweep never holds the
-/// write lock for long. Returns how many.
+/// write lock for long. Returns how many. It reads its victims first, so
+/// it runs in [`write_batch`](super::write_batch), as [`apply`] does.
 pub fn delete_expired(conn: &mut Conn, before_ms: i64, limit: i64) -> Result<usize, StoreError> {
-    let n = with_conn!(conn, c => c.transaction::<_, StoreError, _>(|c| {
-        let victims: Vec<(String, i64, String)> = mailbox::table
-            .filter(mailbox::server_timestamp.lt(before_ms))
-            .select((mailbox::account, mailbox::device_id, mailbox::guid))
-            .limit(limit)
-            .load(c)?;
-        let mut deltas: HashMap<(String, i64), i64> = HashMap::new();
-        let mut n = 0;
-        for (account, device, guid) in victims {
-            let deleted = diesel::delete(mailbox::table)
-                .filter(mailbox::account.eq(&account))
-                .filter(mailbox::device_id.eq(device))
-                .filter(mailbox::guid.eq(guid))
-                .execute(c)?;
-            if deleted > 0 {
-                *deltas.entry((account, device)).or_default() -= deleted as i64;
-                n += deleted;
+    let n = write_batch(conn, |conn| {
+        with_conn!(conn, c => {
+            let victims: Vec<(String, i64, String)> = mailbox::table
+                .filter(mailbox::server_timestamp.lt(before_ms))
+                .select((mailbox::account, mailbox::device_id, mailbox::guid))
+                .limit(limit)
+                .load(c)?;
+            let mut deltas: HashMap<(String, i64), i64> = HashMap::new();
+            let mut n = 0;
+            for (account, device, guid) in victims {
+                let deleted = diesel::delete(mailbox::table)
+                    .filter(mailbox::account.eq(&account))
+                    .filter(mailbox::device_id.eq(device))
+                    .filter(mailbox::guid.eq(guid))
+                    .execute(c)?;
+                if deleted > 0 {
+                    *deltas.entry((account, device)).or_default() -= deleted as i64;
+                    n += deleted;
+                }
             }
-        }
-        for ((account, device), delta) in deltas {
-            adjust_count!(c, &account, device, delta)?;
-        }
-        Ok(n)
-    }))?;
+            for ((account, device), delta) in deltas {
+                adjust_count!(c, &account, device, delta)?;
+            }
+            Ok(n)
+        })
+    })?;
     Ok(n)
 }
 
