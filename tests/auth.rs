@@ -197,6 +197,69 @@ async fn passwords_with_colons_and_spaces_authenticate(backend: Backend) {
     }
 }
 
+/// Opens `/v1/websocket?QUERY`: the socket, or the status the upgrade was refused with.
+async fn websocket_with_query(server: &TestServer, query: &str) -> Result<Ws, u16> {
+    let url = server.ws_url(&format!("/v1/websocket?{query}"));
+    match tokio_tungstenite::connect_async(url).await {
+        Ok((stream, _)) => Ok(Ws { stream }),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("upgrade failed: {e}"),
+    }
+}
+
+/// SPEC: `?login=UUID.DEVICE&password=...` is percent-encoded, so a `+` in
+/// it is a plus sign (form decoding would make it a space, and the secret
+/// wrong). The same secret works over HTTP Basic.
+async fn a_plus_in_a_password_stays_a_plus(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let password = "plus+and space+0123456789";
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/v1/accounts"),
+        None,
+        Some(&json!({"password": password, "registrationId": 77})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let uuid = body["uuid"].as_str().expect("uuid").to_owned();
+
+    let (status, _, body) =
+        devices_with_header(&server, Some(&basic(&format!("{uuid}.1"), password))).await;
+    assert_eq!(status, StatusCode::OK, "HTTP Basic: {body}");
+
+    for query in [
+        format!("login={uuid}.1&password=plus+and%20space+0123456789"),
+        format!("password=plus%2Band%20space%2B0123456789&login={uuid}"),
+    ] {
+        let mut ws = websocket_with_query(&server, &query)
+            .await
+            .unwrap_or_else(|status| panic!("{query}: upgrade refused with {status}"));
+        assert_eq!(
+            ws.next_json().await,
+            json!({"op": "queue-empty"}),
+            "{query}"
+        );
+        ws.close().await;
+    }
+    // A `+` never stands for a space.
+    let spaces_as_plus = format!("login={uuid}.1&password=plus+and+space+0123456789");
+    assert_eq!(
+        websocket_with_query(&server, &spaces_as_plus).await.err(),
+        Some(401)
+    );
+    // Query credentials count on WebSocket upgrades only.
+    let (status, _) = call(
+        Method::GET,
+        &server.url(&format!(
+            "/v1/devices?login={uuid}.1&password=plus%2Band%20space%2B0123456789"
+        )),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
 async fn deleted_device_credentials_are_401(backend: Backend) {
     let server = TestServer::start(backend).await;
     let primary = TestDevice::register(&server).await;
@@ -367,6 +430,7 @@ backends!(
     bare_uuid_username_means_device_1,
     device_that_does_not_exist_is_401,
     passwords_with_colons_and_spaces_authenticate,
+    a_plus_in_a_password_stays_a_plus,
     deleted_device_credentials_are_401,
     a_device_cannot_delete_another_accounts_device,
     linked_device_cannot_delete_the_primary_or_a_sibling,
