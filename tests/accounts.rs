@@ -282,6 +282,49 @@ async fn provisioning_code_used_concurrently_links_one_device(backend: Backend) 
     assert_eq!(ids(&devices(&primary).await), [1, 2]);
 }
 
+/// Links racing with distinct codes must not take an account past
+/// `max_devices`: the device count and the insert are one atomic step on
+/// both databases. Several accounts, each two short of the cap, each get 16
+/// concurrent links: exactly two succeed.
+async fn concurrent_links_never_exceed_max_devices(backend: Backend) {
+    const MAX_DEVICES: u32 = 4;
+    const RACERS: usize = 16;
+    let server = TestServer::start_with(backend, |c| {
+        c.max_devices = MAX_DEVICES;
+        c.db_pool_size = 16;
+    })
+    .await;
+    let url = server.url("/v1/devices");
+    for round in 0..4 {
+        let primary = TestDevice::register(&server).await;
+        primary.link().await;
+        let mut codes = Vec::new();
+        for _ in 0..RACERS {
+            codes.push(provisioning_code(&primary).await);
+        }
+        let tasks: Vec<_> = codes
+            .iter()
+            .map(|code| {
+                let url = url.clone();
+                let body = link_body(code);
+                tokio::spawn(async move { call(Method::POST, &url, None, Some(&body)).await })
+            })
+            .collect();
+        let mut created = 0;
+        for t in tasks {
+            let (status, body) = t.await.expect("link task");
+            match status {
+                StatusCode::CREATED => created += 1,
+                StatusCode::FORBIDDEN => assert_eq!(body["error"], "forbidden", "{body}"),
+                other => panic!("unexpected {other}: {body}"),
+            }
+        }
+        let list = devices(&primary).await;
+        assert_eq!(created, 2, "round {round}: {created} links succeeded");
+        assert_eq!(ids(&list), [1, 2, 3, 4], "round {round}");
+    }
+}
+
 async fn unknown_provisioning_codes_are_refused_and_bad_link_bodies_are_400(backend: Backend) {
     let server = TestServer::start(backend).await;
     let primary = TestDevice::register(&server).await;
@@ -528,6 +571,7 @@ backends!(
     linking_with_a_provisioning_code_adds_the_next_device,
     provisioning_code_links_only_once,
     provisioning_code_used_concurrently_links_one_device,
+    concurrent_links_never_exceed_max_devices,
     unknown_provisioning_codes_are_refused_and_bad_link_bodies_are_400,
     linked_device_cannot_create_a_provisioning_code,
     expired_provisioning_code_is_refused,
