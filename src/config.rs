@@ -61,8 +61,9 @@ pub struct Config {
     pub drain_timeout_ms: u64,
     /// How often the retention sweeper runs.
     pub sweep_interval_secs: u64,
-    /// How long a cached device set may be used by the send path (only
-    /// changes made by other processes on a shared database wait for it).
+    /// How long a cached device set may be used by the send path, and a
+    /// cached device secret by authentication (only changes made by other
+    /// processes on a shared database wait for it).
     pub device_cache_ttl_ms: u64,
     /// Database connections in the pool.
     pub db_pool_size: u32,

@@ -280,6 +280,100 @@ async fn deleted_device_credentials_are_401(backend: Backend) {
     assert!(works(&primary).await);
 }
 
+/// SPEC: "A deleted device or account is refused from the moment the
+/// delete is answered." Logins of a device (HTTP requests and WebSocket
+/// upgrades) are hammered while the device is deleted; every one begun after
+/// the `204` arrived must be `401`, including on a server whose cached
+/// credentials a database read begun before the delete could refill. A short
+/// cache TTL keeps such reads in flight all the time.
+async fn no_login_succeeds_once_a_device_delete_is_answered(backend: Backend) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+    const ROUNDS: usize = 12;
+    let server = TestServer::start_with(backend, |c| c.device_cache_ttl_ms = 3).await;
+    let primary = TestDevice::register(&server).await;
+    for round in 0..ROUNDS {
+        let victim = primary.link().await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let header = basic(&victim.login(), &victim.password);
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let (stop, header, url) = (stop.clone(), header.clone(), server.url("/v1/devices"));
+            tasks.push(tokio::spawn(async move {
+                let client = http();
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let res = client.get(&url).header(AUTHORIZATION, &header).send().await;
+                    seen.push((started, res.expect("request").status().as_u16(), "http"));
+                }
+                seen
+            }));
+        }
+        for _ in 0..3 {
+            let (stop, header) = (stop.clone(), header.clone());
+            let url = server.ws_url("/v1/websocket");
+            tasks.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut req = url.as_str().into_client_request().expect("ws request");
+                    req.headers_mut()
+                        .insert("Authorization", HeaderValue::from_str(&header).unwrap());
+                    let started = Instant::now();
+                    let status = match tokio_tungstenite::connect_async(req).await {
+                        Ok((stream, _)) => {
+                            Ws { stream }.close().await;
+                            101
+                        }
+                        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                            resp.status().as_u16()
+                        }
+                        Err(e) => panic!("upgrade failed: {e}"),
+                    };
+                    seen.push((started, status, "websocket"));
+                }
+                seen
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (status, body) = primary
+            .request(
+                Method::DELETE,
+                &format!("/v1/devices/{}", victim.device_id),
+                None,
+            )
+            .await;
+        let answered = Instant::now();
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stop.store(true, Ordering::Relaxed);
+        let (mut before, mut after) = (0, 0);
+        for task in tasks {
+            for (started, status, how) in task.await.expect("login task") {
+                if started > answered {
+                    after += 1;
+                    assert_eq!(
+                        status,
+                        401,
+                        "round {round}: a {how} login begun {:?} after the delete was answered",
+                        started - answered
+                    );
+                } else if status != 401 {
+                    before += 1;
+                }
+            }
+        }
+        assert!(
+            before > 0 && after > 0,
+            "round {round}: {before} before, {after} after"
+        );
+    }
+}
+
 async fn a_device_cannot_delete_another_accounts_device(backend: Backend) {
     let server = TestServer::start(backend).await;
     let alice = TestDevice::register(&server).await;
@@ -432,6 +526,7 @@ backends!(
     passwords_with_colons_and_spaces_authenticate,
     a_plus_in_a_password_stays_a_plus,
     deleted_device_credentials_are_401,
+    no_login_succeeds_once_a_device_delete_is_answered,
     a_device_cannot_delete_another_accounts_device,
     linked_device_cannot_delete_the_primary_or_a_sibling,
     linked_device_deletes_itself,
