@@ -1,61 +1,139 @@
-//! Named GCRA rate limits over `ratelimit_meter`, one keyed limiter each.
+//! Named GCRA rate limits, one keyed limiter each.
 //!
-//! Keys are client IPs or account ids; the maps are bounded by
-//! [`Limiters::evict_idle`], which the sweeper calls, so a flood of distinct
-//! keys cannot grow memory without end.
+//! Keys are client IPs (an IPv6 client by its /64, see [`client_key`]) or
+//! account ids. A limiter remembers one instant per key, and only while it
+//! matters: a key whose bucket is full again carries no state (it behaves
+//! exactly like a key never seen), so [`Limiters::evict_replenished`], which
+//! the sweeper calls every minute, forgets it. Each limiter also holds at
+//! most [`MAX_KEYS`] keys, however many addresses a flood comes from.
 
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-use ratelimit_meter::{KeyedRateLimiter, NonConformance, GCRA};
 
 use crate::config::{Config, Rate};
 use crate::domain::address::AccountId;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
-/// One keyed limiter. The `Mutex` is held only for the check itself.
+/// Keys one limiter tracks at most. A key costs about 60 bytes, so the
+/// seven limiters stay within a few tens of MiB under any flood.
+pub const MAX_KEYS: usize = 100_000;
+
+/// The key a client IP is limited under: an IPv4 address whole, an IPv6
+/// address by its /64 prefix. One IPv6 host is usually handed a whole /64,
+/// so keying by the full address would give it 2^64 fresh buckets. An
+/// IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack socket
+/// reports for IPv4 peers) is the IPv4 address it maps: masking it to /64
+/// would put every IPv4 client in one bucket.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+    }
+}
+
+/// One keyed GCRA limiter. The `Mutex` is held only for one check, or for
+/// one eviction pass over the map.
 struct Keyed<K: Eq + Hash + Clone> {
     name: &'static str,
-    inner: Mutex<KeyedRateLimiter<K, GCRA>>,
-    /// The limiter's burst tolerance, to turn its "not until" (the
-    /// theoretical arrival time) into the moment a request would conform.
+    /// The sustained spacing of requests: `per / count`.
+    interval: Duration,
+    /// How far a key's TAT may run ahead of now: `interval × (count − 1)`,
+    /// so a fresh key admits a burst of exactly `count`.
     tolerance: Duration,
+    /// Keys kept at most (see [`Keyed::make_room`]).
+    cap: usize,
+    /// Per key, its theoretical arrival time (TAT): when the key's next
+    /// request would be on schedule. A TAT not after now means the bucket is
+    /// full again, the same as an absent key; such entries may go at any time.
+    tats: Mutex<HashMap<K, Instant>>,
 }
 
 impl<K: Eq + Hash + Clone> Keyed<K> {
-    /// `ratelimit_meter`'s GCRA with capacity `c` per `p` admits a burst of
-    /// `c + 1` (its tolerance is the whole period). To make `"N/p"` mean a
-    /// burst of exactly N at a sustained N per p, it is built as capacity
-    /// N−1 per p·(N−1)/N: the same emission interval p/N, one cell less of
-    /// tolerance. A limit of 1 cannot be expressed that way and admits 2.
-    fn new(name: &'static str, rate: Rate) -> Self {
-        let (capacity, period) = match NonZeroU32::new(rate.count.saturating_sub(1)) {
-            Some(c) => (c, rate.per / rate.count * c.get()),
-            None => (NonZeroU32::MIN, rate.per),
-        };
+    fn new(name: &'static str, rate: Rate, cap: usize) -> Self {
+        let interval = rate.per / rate.count.max(1);
         Keyed {
             name,
-            inner: Mutex::new(KeyedRateLimiter::new(capacity, period)),
-            tolerance: period,
+            interval,
+            tolerance: interval * rate.count.saturating_sub(1),
+            cap: cap.max(1),
+            tats: Mutex::new(HashMap::new()),
         }
     }
 
     fn check(&self, key: K) -> Result<(), Duration> {
-        let mut limiter = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        limiter.check(key).map_err(|not_until| {
-            not_until
-                .wait_time_from(Instant::now())
-                .saturating_sub(self.tolerance)
-        })
+        self.check_at(key, Instant::now())
     }
 
-    fn evict_idle(&self, idle: Duration) -> usize {
-        let mut limiter = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        limiter.cleanup(idle).len()
+    /// Admits one request for `key` at `now`, or says how long until one
+    /// would be admitted.
+    fn check_at(&self, key: K, now: Instant) -> Result<(), Duration> {
+        let mut tats = self.tats.lock().unwrap_or_else(|p| p.into_inner());
+        let tat = tats.get(&key).map_or(now, |&t| t.max(now));
+        let ahead = tat.saturating_duration_since(now);
+        if ahead > self.tolerance {
+            return Err(ahead - self.tolerance);
+        }
+        // `Rate` bounds the period to 100 years, so this cannot overflow;
+        // were it to, the key would stay where it is rather than panic.
+        let next = tat.checked_add(self.interval).unwrap_or(tat);
+        if !tats.contains_key(&key) && tats.len() >= self.cap {
+            self.make_room(&mut tats, now);
+        }
+        tats.insert(key, next);
+        Ok(())
+    }
+
+    /// The map is at its cap and a new key arrives. Refusing new keys would
+    /// let anyone with enough addresses lock every other client out, so a
+    /// full map evicts instead: first every key whose bucket is full again
+    /// (that loses nothing), then, if the map is still more than 7/8 full,
+    /// the keys nearest to full, down to 7/8 of the cap. An evicted key only
+    /// ever gets back the part of its burst it had not yet regained, so no
+    /// client is refused because of someone else's flood, and the keys that
+    /// are limited hardest (a flooder's own) are the last to go. Forcing the
+    /// eviction of a key still well short of full takes more than `cap`
+    /// distinct keys that are all themselves being limited: at that point
+    /// the flooder already has `cap` fresh bursts of its own. Bringing the
+    /// map down to 7/8 means this O(n) pass runs at most once per `cap / 8`
+    /// new keys.
+    fn make_room(&self, tats: &mut HashMap<K, Instant>, now: Instant) {
+        let before = tats.len();
+        tats.retain(|_, tat| *tat > now);
+        let target = self.cap - (self.cap / 8).max(1);
+        if tats.len() > target {
+            let excess = tats.len() - target;
+            let mut by_tat: Vec<(Instant, K)> = tats.iter().map(|(k, &t)| (t, k.clone())).collect();
+            by_tat.select_nth_unstable_by_key(excess - 1, |(t, _)| *t);
+            for (_, key) in by_tat.drain(..excess) {
+                tats.remove(&key);
+            }
+            log::warn!(
+                "rate limit {}: {} keys tracked (the cap); forgot the {excess} nearest to full",
+                self.name,
+                before
+            );
+        }
+    }
+
+    /// Forgets every key whose bucket is full again at `now`; returns how many.
+    fn evict_replenished(&self, now: Instant) -> usize {
+        let mut tats = self.tats.lock().unwrap_or_else(|p| p.into_inner());
+        let before = tats.len();
+        tats.retain(|_, tat| *tat > now);
+        // Give back the memory of a flood that is over.
+        if tats.capacity() > 2 * tats.len() + 1024 {
+            tats.shrink_to_fit();
+        }
+        before - tats.len()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.tats.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
@@ -78,13 +156,21 @@ impl Limiters {
         Limiters {
             enabled: config.rate_limits,
             metrics,
-            register: Keyed::new("register_per_ip", l.register_per_ip),
-            link: Keyed::new("link_per_ip", l.link_per_ip),
-            auth_failure: Keyed::new("auth_failures_per_ip", l.auth_failures_per_ip),
-            send: Keyed::new("sends_per_account", l.sends_per_account),
-            bundle_account: Keyed::new("bundle_fetch_per_account", l.bundle_fetch_per_account),
-            bundle_pair: Keyed::new("bundle_fetch_per_pair", l.bundle_fetch_per_pair),
-            provisioning: Keyed::new("provisioning_per_account", l.provisioning_per_account),
+            register: Keyed::new("register_per_ip", l.register_per_ip, MAX_KEYS),
+            link: Keyed::new("link_per_ip", l.link_per_ip, MAX_KEYS),
+            auth_failure: Keyed::new("auth_failures_per_ip", l.auth_failures_per_ip, MAX_KEYS),
+            send: Keyed::new("sends_per_account", l.sends_per_account, MAX_KEYS),
+            bundle_account: Keyed::new(
+                "bundle_fetch_per_account",
+                l.bundle_fetch_per_account,
+                MAX_KEYS,
+            ),
+            bundle_pair: Keyed::new("bundle_fetch_per_pair", l.bundle_fetch_per_pair, MAX_KEYS),
+            provisioning: Keyed::new(
+                "provisioning_per_account",
+                l.provisioning_per_account,
+                MAX_KEYS,
+            ),
         }
     }
 
@@ -105,17 +191,17 @@ impl Limiters {
     }
 
     pub fn register(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.gate(&self.register, ip)
+        self.gate(&self.register, client_key(ip))
     }
 
     pub fn link(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.gate(&self.link, ip)
+        self.gate(&self.link, client_key(ip))
     }
 
     /// Counts one failed authentication; past the limit the client gets 429
     /// instead of 401, whatever it sends.
     pub fn auth_failure(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.gate(&self.auth_failure, ip)
+        self.gate(&self.auth_failure, client_key(ip))
     }
 
     pub fn send(&self, account: AccountId) -> Result<(), ApiError> {
@@ -135,15 +221,17 @@ impl Limiters {
         self.gate(&self.provisioning, account)
     }
 
-    /// Forgets keys idle for `idle`; returns how many were dropped.
-    pub fn evict_idle(&self, idle: Duration) -> usize {
-        self.register.evict_idle(idle)
-            + self.link.evict_idle(idle)
-            + self.auth_failure.evict_idle(idle)
-            + self.send.evict_idle(idle)
-            + self.bundle_account.evict_idle(idle)
-            + self.bundle_pair.evict_idle(idle)
-            + self.provisioning.evict_idle(idle)
+    /// Forgets every key whose bucket is full again (it would behave the
+    /// same if it had never been seen); returns how many were dropped.
+    pub fn evict_replenished(&self) -> usize {
+        let now = Instant::now();
+        self.register.evict_replenished(now)
+            + self.link.evict_replenished(now)
+            + self.auth_failure.evict_replenished(now)
+            + self.send.evict_replenished(now)
+            + self.bundle_account.evict_replenished(now)
+            + self.bundle_pair.evict_replenished(now)
+            + self.provisioning.evict_replenished(now)
     }
 }
 
@@ -151,16 +239,22 @@ impl Limiters {
 mod tests {
     use super::*;
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn a_rate_of_n_admits_a_burst_of_exactly_n() {
-        for n in [2u32, 3, 10, 100] {
-            let k = Keyed::new("t", Rate::new(n, Duration::from_secs(3600)));
+        for n in [1u32, 2, 3, 10, 100] {
+            let k = Keyed::new("t", Rate::new(n, HOUR), MAX_KEYS);
             for i in 0..n {
                 assert!(k.check(1u8).is_ok(), "request {i} of {n} refused");
             }
             let wait = k.check(1u8).expect_err("burst exceeded");
             // The next cell conforms one emission interval (3600/n s) later.
-            let interval = Duration::from_secs(3600) / n;
+            let interval = HOUR / n;
             assert!(
                 wait <= interval && wait + Duration::from_secs(1) >= interval,
                 "{wait:?}"
@@ -175,11 +269,119 @@ mod tests {
     fn the_longest_rate_period_is_safe() {
         let per = Duration::from_secs(Rate::MAX_PERIOD_SECS);
         for n in [1u32, 2, 1000, u32::MAX] {
-            let k = Keyed::new("t", Rate::new(n, per));
+            let k = Keyed::new("t", Rate::new(n, per), MAX_KEYS);
             for _ in 0..3 {
                 let _ = k.check(1u8);
             }
             assert!(k.check(2u8).is_ok());
+            assert_eq!(k.evict_replenished(Instant::now()), 0);
         }
+    }
+
+    #[test]
+    fn ipv6_is_keyed_by_its_64_and_ipv4_by_the_whole_address() {
+        assert_eq!(
+            client_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            client_key(ip("2001:db8:1:2::1")),
+            client_key(ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(
+            client_key(ip("2001:db8:1:2::1")),
+            client_key(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(client_key(ip("192.0.2.1")), ip("192.0.2.1"));
+        assert_ne!(client_key(ip("192.0.2.1")), client_key(ip("192.0.2.2")));
+        // What a dual-stack socket reports for an IPv4 peer is that peer, not a /64 of
+        // every IPv4 client.
+        assert_eq!(client_key(ip("::ffff:192.0.2.1")), ip("192.0.2.1"));
+        assert_ne!(
+            client_key(ip("::ffff:192.0.2.1")),
+            client_key(ip("::ffff:192.0.2.2"))
+        );
+    }
+
+    /// Through the public entry points: every address of one /64 shares the
+    /// per-IP budget, another /64 and another IPv4 address have their own.
+    #[test]
+    fn per_ip_limits_share_one_budget_per_64() {
+        let mut config = Config::default();
+        config.limits.register_per_ip = Rate::new(2, HOUR);
+        let limits = Limiters::new(&config, Metrics::new());
+        assert!(limits.register(ip("2001:db8:0:7::1")).is_ok());
+        assert!(limits.register(ip("2001:db8:0:7::2")).is_ok());
+        let refused = limits.register(ip("2001:db8:0:7:dead:beef:0:3"));
+        assert!(
+            matches!(refused, Err(ApiError::RateLimited { .. })),
+            "{refused:?}"
+        );
+        assert!(limits.register(ip("2001:db8:0:8::1")).is_ok());
+        assert!(limits.register(ip("192.0.2.1")).is_ok());
+        assert!(limits.register(ip("192.0.2.1")).is_ok());
+        assert!(limits.register(ip("192.0.2.1")).is_err());
+        assert!(limits.register(ip("192.0.2.2")).is_ok());
+    }
+
+    /// A key whose bucket is full again is forgotten; a key still being
+    /// limited is kept (forgetting it would hand it a fresh burst), and is
+    /// forgotten once it has regained its burst, after which it behaves as new.
+    #[test]
+    fn replenished_keys_are_evicted_and_limited_ones_kept() {
+        let k = Keyed::new("t", Rate::new(10, Duration::from_secs(1)), MAX_KEYS);
+        let t0 = Instant::now();
+        assert!(k.check_at(1u8, t0).is_ok());
+        for _ in 0..10 {
+            assert!(k.check_at(2u8, t0).is_ok());
+        }
+        assert!(k.check_at(2u8, t0).is_err());
+        assert_eq!(k.len(), 2);
+
+        let t1 = t0 + Duration::from_millis(200);
+        assert_eq!(k.evict_replenished(t1), 1, "key 1 is full again at t1");
+        assert_eq!(k.len(), 1);
+        assert!(k.check_at(2u8, t1).is_ok(), "key 2 regained two cells");
+        assert!(k.check_at(2u8, t1).is_ok());
+        assert!(k.check_at(2u8, t1).is_err(), "key 2 kept its state");
+
+        let t2 = t0 + Duration::from_secs(2);
+        assert_eq!(k.evict_replenished(t2), 1);
+        assert_eq!(k.len(), 0);
+        for _ in 0..10 {
+            assert!(k.check_at(2u8, t2).is_ok());
+        }
+        assert!(k.check_at(2u8, t2).is_err());
+    }
+
+    /// At its cap a limiter evicts rather than grows or refuses: replenished
+    /// keys first, then the keys nearest to full. A key drained hardest
+    /// keeps its state through a flood of new keys.
+    #[test]
+    fn a_full_limiter_evicts_and_never_grows_past_its_cap() {
+        let cap = 8;
+        let k = Keyed::new("t", Rate::new(2, HOUR), cap);
+        let t0 = Instant::now();
+        // Key 0 spends its whole burst; keys 1..8 one cell each.
+        assert!(k.check_at(0u32, t0).is_ok());
+        assert!(k.check_at(0u32, t0).is_ok());
+        for key in 1..cap as u32 {
+            assert!(k.check_at(key, t0).is_ok());
+        }
+        assert_eq!(k.len(), cap);
+        // A flood of new keys, none of them refused, the map never past the cap.
+        for key in 100..1_000u32 {
+            assert!(k.check_at(key, t0).is_ok(), "new key {key} refused");
+            assert!(k.len() <= cap, "{} keys", k.len());
+        }
+        assert!(k.check_at(0u32, t0).is_err(), "the drained key was evicted");
+
+        // 45 min later every one-cell key is full again, key 0 is not: a new
+        // key evicts all of them and nothing else.
+        let t1 = t0 + HOUR * 3 / 4;
+        assert!(k.check_at(5_000u32, t1).is_ok());
+        assert_eq!(k.len(), 2);
+        assert!(k.check_at(0u32, t1).is_ok(), "key 0 regained one cell");
+        assert!(k.check_at(0u32, t1).is_err(), "and only one");
     }
 }

@@ -282,6 +282,168 @@ async fn provisioning_code_used_concurrently_links_one_device(backend: Backend) 
     assert_eq!(ids(&devices(&primary).await), [1, 2]);
 }
 
+/// Links racing with distinct codes must not take an account past
+/// `max_devices`: the device count and the insert are one atomic step on
+/// both databases. Several accounts, each two short of the cap, each get 16
+/// concurrent links: exactly two succeed.
+async fn concurrent_links_never_exceed_max_devices(backend: Backend) {
+    const MAX_DEVICES: u32 = 4;
+    const RACERS: usize = 16;
+    let server = TestServer::start_with(backend, |c| {
+        c.max_devices = MAX_DEVICES;
+        c.db_pool_size = 16;
+    })
+    .await;
+    let url = server.url("/v1/devices");
+    for round in 0..4 {
+        let primary = TestDevice::register(&server).await;
+        primary.link().await;
+        let mut codes = Vec::new();
+        for _ in 0..RACERS {
+            codes.push(provisioning_code(&primary).await);
+        }
+        let tasks: Vec<_> = codes
+            .iter()
+            .map(|code| {
+                let url = url.clone();
+                let body = link_body(code);
+                tokio::spawn(async move { call(Method::POST, &url, None, Some(&body)).await })
+            })
+            .collect();
+        let mut created = 0;
+        for t in tasks {
+            let (status, body) = t.await.expect("link task");
+            match status {
+                StatusCode::CREATED => created += 1,
+                StatusCode::FORBIDDEN => assert_eq!(body["error"], "forbidden", "{body}"),
+                other => panic!("unexpected {other}: {body}"),
+            }
+        }
+        let list = devices(&primary).await;
+        assert_eq!(created, 2, "round {round}: {created} links succeeded");
+        assert_eq!(ids(&list), [1, 2, 3, 4], "round {round}");
+    }
+}
+
+/// `PUT /v1/messages/{alice}` from `bob` with one copy per device of `set`.
+async fn send_to(bob: &TestDevice, alice: &TestDevice, set: &[(u32, i64)]) -> (StatusCode, Value) {
+    bob.send(&alice.uuid, set, b"hello").await
+}
+
+/// A device set changed by a link or a delete is what the Sesame check sees
+/// from the moment the change is answered, even when a device-set read
+/// begun before the change finishes after it. Each round makes two changes
+/// at once (PostgreSQL runs the second link just after the first commits),
+/// while sends hammer the account so that reads are in flight when the
+/// second commits. Once both are answered, a send naming only one of the two
+/// changes is `409`, and one naming both is `200`.
+async fn the_device_set_check_sees_a_link_or_delete_once_answered(backend: Backend) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    const ROUNDS: usize = 8;
+    const PIPELINE: u64 = 16;
+    let server = TestServer::start_with(backend, |c| c.max_devices = 1_000).await;
+    let alice = TestDevice::register(&server).await;
+    let bob = TestDevice::register(&server).await;
+    let bobs = [bob.clone(), bob.link().await, bob.link().await];
+    let base = vec![alice.target()];
+    for round in 0..ROUNDS {
+        // Sends that every check refuses (device 999999 does not exist), to
+        // keep device-set reads going.
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut hammer = Vec::new();
+        for sender in &bobs {
+            let mut ws = sender.connect().await;
+            ws.drain_queue().await;
+            let mut body = send_body(&[alice.target(), (999_999, 1)], b"noise", false);
+            body["op"] = json!("send");
+            body["destination"] = json!(alice.uuid);
+            let stop = stop.clone();
+            hammer.push(tokio::spawn(async move {
+                let mut id = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..PIPELINE {
+                        id += 1;
+                        body["id"] = json!(id);
+                        ws.send_json(&body).await;
+                    }
+                    for _ in 0..PIPELINE {
+                        let (r, _) = ws.until_op("response").await;
+                        assert_eq!(r["status"], 409, "{r}");
+                    }
+                }
+                ws.close().await;
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+
+        // Two links at once.
+        let codes = [
+            provisioning_code(&alice).await,
+            provisioning_code(&alice).await,
+        ];
+        let links = codes.map(|code| {
+            let url = server.url("/v1/devices");
+            tokio::spawn(async move {
+                let body = json!({"code": code, "password": PASSWORD, "registrationId": 9});
+                call(Method::POST, &url, None, Some(&body)).await
+            })
+        });
+        let mut linked = Vec::new();
+        for link in links {
+            let (status, body) = link.await.expect("link task");
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            linked.push((body["deviceId"].as_u64().unwrap() as u32, 9));
+        }
+        for (i, only) in linked.iter().enumerate() {
+            let partial = [base.clone(), vec![*only]].concat();
+            let (status, body) = send_to(&bob, &alice, &partial).await;
+            assert_eq!(
+                status,
+                StatusCode::CONFLICT,
+                "round {round}: a send without the answered link of device {} was accepted: {body}",
+                linked[1 - i].0
+            );
+            assert_eq!(body["missingDevices"], json!([linked[1 - i].0]), "{body}");
+        }
+        let full = [base.clone(), linked.clone()].concat();
+        let (status, body) = send_to(&bob, &alice, &full).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+
+        // Two deletes at once.
+        let deletes: Vec<_> = linked
+            .iter()
+            .map(|&(id, _)| {
+                let alice = alice.clone();
+                tokio::spawn(async move {
+                    let path = format!("/v1/devices/{id}");
+                    alice.request(Method::DELETE, &path, None).await
+                })
+            })
+            .collect();
+        for delete in deletes {
+            let (status, body) = delete.await.expect("delete task");
+            assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        }
+        for kept in &linked {
+            let stale = [base.clone(), vec![*kept]].concat();
+            let (status, body) = send_to(&bob, &alice, &stale).await;
+            assert_eq!(
+                status,
+                StatusCode::CONFLICT,
+                "round {round}: a send to deleted device {} was accepted: {body}",
+                kept.0
+            );
+            assert_eq!(body["extraDevices"], json!([kept.0]), "{body}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        for task in hammer {
+            task.await.expect("hammer task");
+        }
+    }
+}
+
 async fn unknown_provisioning_codes_are_refused_and_bad_link_bodies_are_400(backend: Backend) {
     let server = TestServer::start(backend).await;
     let primary = TestDevice::register(&server).await;
@@ -528,6 +690,8 @@ backends!(
     linking_with_a_provisioning_code_adds_the_next_device,
     provisioning_code_links_only_once,
     provisioning_code_used_concurrently_links_one_device,
+    concurrent_links_never_exceed_max_devices,
+    the_device_set_check_sees_a_link_or_delete_once_answered,
     unknown_provisioning_codes_are_refused_and_bad_link_bodies_are_400,
     linked_device_cannot_create_a_provisioning_code,
     expired_provisioning_code_is_refused,

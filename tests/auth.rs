@@ -197,6 +197,69 @@ async fn passwords_with_colons_and_spaces_authenticate(backend: Backend) {
     }
 }
 
+/// Opens `/v1/websocket?QUERY`: the socket, or the status the upgrade was refused with.
+async fn websocket_with_query(server: &TestServer, query: &str) -> Result<Ws, u16> {
+    let url = server.ws_url(&format!("/v1/websocket?{query}"));
+    match tokio_tungstenite::connect_async(url).await {
+        Ok((stream, _)) => Ok(Ws { stream }),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("upgrade failed: {e}"),
+    }
+}
+
+/// SPEC: `?login=UUID.DEVICE&password=...` is percent-encoded, so a `+` in
+/// it is a plus sign (form decoding would make it a space, and the secret
+/// wrong). The same secret works over HTTP Basic.
+async fn a_plus_in_a_password_stays_a_plus(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let password = "plus+and space+0123456789";
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/v1/accounts"),
+        None,
+        Some(&json!({"password": password, "registrationId": 77})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let uuid = body["uuid"].as_str().expect("uuid").to_owned();
+
+    let (status, _, body) =
+        devices_with_header(&server, Some(&basic(&format!("{uuid}.1"), password))).await;
+    assert_eq!(status, StatusCode::OK, "HTTP Basic: {body}");
+
+    for query in [
+        format!("login={uuid}.1&password=plus+and%20space+0123456789"),
+        format!("password=plus%2Band%20space%2B0123456789&login={uuid}"),
+    ] {
+        let mut ws = websocket_with_query(&server, &query)
+            .await
+            .unwrap_or_else(|status| panic!("{query}: upgrade refused with {status}"));
+        assert_eq!(
+            ws.next_json().await,
+            json!({"op": "queue-empty"}),
+            "{query}"
+        );
+        ws.close().await;
+    }
+    // A `+` never stands for a space.
+    let spaces_as_plus = format!("login={uuid}.1&password=plus+and+space+0123456789");
+    assert_eq!(
+        websocket_with_query(&server, &spaces_as_plus).await.err(),
+        Some(401)
+    );
+    // Query credentials count on WebSocket upgrades only.
+    let (status, _) = call(
+        Method::GET,
+        &server.url(&format!(
+            "/v1/devices?login={uuid}.1&password=plus%2Band%20space%2B0123456789"
+        )),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
 async fn deleted_device_credentials_are_401(backend: Backend) {
     let server = TestServer::start(backend).await;
     let primary = TestDevice::register(&server).await;
@@ -215,6 +278,100 @@ async fn deleted_device_credentials_are_401(backend: Backend) {
     let (status, body) = linked.request(Method::GET, "/v1/keys/count", None).await;
     assert_unauthorized(status, &body, "deleted device");
     assert!(works(&primary).await);
+}
+
+/// SPEC: "A deleted device or account is refused from the moment the
+/// delete is answered." Logins of a device (HTTP requests and WebSocket
+/// upgrades) are hammered while the device is deleted; every one begun after
+/// the `204` arrived must be `401`, including on a server whose cached
+/// credentials a database read begun before the delete could refill. A short
+/// cache TTL keeps such reads in flight all the time.
+async fn no_login_succeeds_once_a_device_delete_is_answered(backend: Backend) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+    const ROUNDS: usize = 12;
+    let server = TestServer::start_with(backend, |c| c.device_cache_ttl_ms = 3).await;
+    let primary = TestDevice::register(&server).await;
+    for round in 0..ROUNDS {
+        let victim = primary.link().await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let header = basic(&victim.login(), &victim.password);
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let (stop, header, url) = (stop.clone(), header.clone(), server.url("/v1/devices"));
+            tasks.push(tokio::spawn(async move {
+                let client = http();
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let res = client.get(&url).header(AUTHORIZATION, &header).send().await;
+                    seen.push((started, res.expect("request").status().as_u16(), "http"));
+                }
+                seen
+            }));
+        }
+        for _ in 0..3 {
+            let (stop, header) = (stop.clone(), header.clone());
+            let url = server.ws_url("/v1/websocket");
+            tasks.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut req = url.as_str().into_client_request().expect("ws request");
+                    req.headers_mut()
+                        .insert("Authorization", HeaderValue::from_str(&header).unwrap());
+                    let started = Instant::now();
+                    let status = match tokio_tungstenite::connect_async(req).await {
+                        Ok((stream, _)) => {
+                            Ws { stream }.close().await;
+                            101
+                        }
+                        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                            resp.status().as_u16()
+                        }
+                        Err(e) => panic!("upgrade failed: {e}"),
+                    };
+                    seen.push((started, status, "websocket"));
+                }
+                seen
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (status, body) = primary
+            .request(
+                Method::DELETE,
+                &format!("/v1/devices/{}", victim.device_id),
+                None,
+            )
+            .await;
+        let answered = Instant::now();
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stop.store(true, Ordering::Relaxed);
+        let (mut before, mut after) = (0, 0);
+        for task in tasks {
+            for (started, status, how) in task.await.expect("login task") {
+                if started > answered {
+                    after += 1;
+                    assert_eq!(
+                        status,
+                        401,
+                        "round {round}: a {how} login begun {:?} after the delete was answered",
+                        started - answered
+                    );
+                } else if status != 401 {
+                    before += 1;
+                }
+            }
+        }
+        assert!(
+            before > 0 && after > 0,
+            "round {round}: {before} before, {after} after"
+        );
+    }
 }
 
 async fn a_device_cannot_delete_another_accounts_device(backend: Backend) {
@@ -367,7 +524,9 @@ backends!(
     bare_uuid_username_means_device_1,
     device_that_does_not_exist_is_401,
     passwords_with_colons_and_spaces_authenticate,
+    a_plus_in_a_password_stays_a_plus,
     deleted_device_credentials_are_401,
+    no_login_succeeds_once_a_device_delete_is_answered,
     a_device_cannot_delete_another_accounts_device,
     linked_device_cannot_delete_the_primary_or_a_sibling,
     linked_device_deletes_itself,

@@ -479,6 +479,71 @@ fn bad_configuration_exits_78() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("COURIER_ACK_TIMEOUT_MS"));
 }
 
+/// Values outside a key's range stop `courier serve` at start with EX_CONFIG
+/// and a message naming the key, instead of starting a server that panics
+/// later (an ack timeout near `u64::MAX` overflowed `Instant` on the first
+/// push). From the environment and from the TOML file alike.
+#[test]
+fn absurd_configuration_values_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("never.db");
+    let toml = dir.path().join("courier.toml");
+    std::fs::write(&toml, "ack_timeout_ms = 9223372036854775807\n").unwrap();
+    let cases: [(&str, &str, &str); 6] = [
+        (
+            "COURIER_ACK_TIMEOUT_MS",
+            "18446744073709551615",
+            "ack_timeout_ms",
+        ),
+        (
+            "COURIER_DEVICE_CACHE_TTL_MS",
+            "18446744073709551615",
+            "device_cache_ttl_ms",
+        ),
+        (
+            "COURIER_DRAIN_TIMEOUT_MS",
+            "18446744073709551615",
+            "drain_timeout_ms",
+        ),
+        (
+            "COURIER_MESSAGE_RETENTION_DAYS",
+            "9999999",
+            "message_retention_days",
+        ),
+        ("COURIER_DB_POOL_SIZE", "4000000000", "db_pool_size"),
+        ("COURIER_CONFIG", toml.to_str().unwrap(), "ack_timeout_ms"),
+    ];
+    for (var, value, key) in cases {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .arg("serve")
+            .env_clear()
+            .env("COURIER_BIND", "127.0.0.1:0")
+            .env("COURIER_DATABASE_URL", &db)
+            .env(var, value)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{var}={value}: courier started instead of refusing the value");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(78), "{var}={value}: {stderr}");
+        assert!(stderr.contains(key), "{var}={value}: {stderr}");
+    }
+    assert!(!db.exists(), "a refused configuration opened the database");
+}
+
 #[test]
 fn version_flag_prints_the_version() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))

@@ -1,5 +1,5 @@
 //! The store's batch transaction (`store::write_batch`, which the keys actor
-//! group-commits through), against the real databases.
+//! and the mailbox writer group-commit through), against the real databases.
 
 mod common;
 
@@ -71,4 +71,72 @@ async fn a_batch_is_never_reported_committed_when_it_was_not(backend: Backend) {
     drop(db);
 }
 
-backends!(a_batch_is_never_reported_committed_when_it_was_not);
+/// The mailbox writer's batch (`store::mailbox::apply`) reads each device's
+/// count before it inserts. In a deferred SQLite transaction, another
+/// connection committing between that read and the first write fails the
+/// batch at once with `SQLITE_BUSY_SNAPSHOT`, which the busy timeout does
+/// not cover: every batch must survive other writers on the same file.
+async fn mailbox_batches_survive_a_concurrent_writer(backend: Backend) {
+    use courier::domain::address::{AccountId, Address, DeviceId};
+    use courier::domain::envelope::{new_guid, Envelope};
+    use courier::store::mailbox::{self, Outcome, Write};
+
+    const BATCHES: usize = 150;
+    let db = Database::fresh(backend);
+    let url = db.url();
+    let manager = store::Manager::new(store::Backend::from_url(&url).unwrap());
+    store::migrate(&mut manager.connect().unwrap()).unwrap();
+    let account = AccountId::random();
+    let writers: Vec<_> = (1..=2u32)
+        .map(|device| {
+            let manager = manager.clone();
+            std::thread::spawn(move || {
+                let mut conn = manager.connect().unwrap();
+                let dest = Address::new(account, DeviceId(device));
+                let mut failures = Vec::new();
+                for _ in 0..BATCHES {
+                    let envelope = Envelope {
+                        guid: new_guid(),
+                        source: dest,
+                        msg_type: 1,
+                        timestamp: 1,
+                        server_timestamp: store::now_ms(),
+                        content: vec![7; 64],
+                    };
+                    let writes = [Write::Insert {
+                        dest,
+                        envelope: &envelope,
+                    }];
+                    match mailbox::apply(&mut conn, &writes, 1_000_000) {
+                        Ok(outcomes) => assert_eq!(outcomes, [Outcome::Stored]),
+                        Err(e) => failures.push(e.to_string()),
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: Vec<String> = tokio::task::spawn_blocking(move || {
+        writers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    })
+    .await
+    .unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} batches failed, e.g. {}",
+        failures.len(),
+        2 * BATCHES,
+        failures[0]
+    );
+    let mut conn = manager.connect().unwrap();
+    assert_eq!(mailbox::total(&mut conn).unwrap(), 2 * BATCHES as i64);
+    drop(db);
+}
+
+backends!(
+    a_batch_is_never_reported_committed_when_it_was_not,
+    mailbox_batches_survive_a_concurrent_writer,
+);

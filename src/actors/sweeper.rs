@@ -1,6 +1,7 @@
 //! `Sweeper`: on an interval, deletes mailbox copies past retention and
-//! expired provisioning codes, and forgets idle rate-limit keys. The
-//! database work runs on the blocking pool, never on this actor's thread.
+//! expired provisioning codes; every minute, forgets the rate-limit keys
+//! whose buckets are full again. The database work runs on the blocking
+//! pool, never on this actor's thread.
 
 use std::time::Duration;
 
@@ -12,8 +13,10 @@ use crate::store;
 
 /// Rows deleted per statement batch, so a sweep never holds the write lock long.
 const SWEEP_BATCH: i64 = 5_000;
-/// Rate-limit keys idle this long are dropped (longer than any limit's period).
-const LIMITER_IDLE: Duration = Duration::from_secs(2 * 86_400);
+/// How often rate-limit keys whose buckets are full again are forgotten. An
+/// in-memory pass, independent of the (longer) database sweep interval, so
+/// a flood's keys go within minutes of it ending.
+const LIMITER_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 pub struct Sweeper {
     state: State,
@@ -31,6 +34,10 @@ impl Actor for Sweeper {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(self.state.config.sweep_interval(), |_, ctx| {
             ctx.address().do_send(Sweep);
+        });
+        ctx.run_interval(LIMITER_SWEEP_INTERVAL, |sweeper, _| {
+            let evicted = sweeper.state.limits.evict_replenished();
+            log::debug!("forgot {evicted} replenished rate-limit keys");
         });
     }
 }
@@ -77,7 +84,7 @@ pub async fn sweep(state: &State) -> Result<SweepReport, ApiError> {
         .metrics
         .messages_expired
         .inc_by(expired_messages as u64);
-    let evicted_limiter_keys = state.limits.evict_idle(LIMITER_IDLE);
+    let evicted_limiter_keys = state.limits.evict_replenished();
     let report = SweepReport {
         expired_messages,
         expired_codes,

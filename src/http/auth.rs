@@ -10,7 +10,7 @@ use actix_web::http::header;
 use actix_web::{FromRequest, HttpRequest};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use serde::Deserialize;
+use percent_encoding::percent_decode_str;
 
 use crate::domain::address::Address;
 use crate::error::ApiError;
@@ -25,12 +25,6 @@ pub struct Authenticated(pub Address);
 /// before the first trusted proxy when the peer is one.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIp(pub IpAddr);
-
-#[derive(Deserialize)]
-struct QueryLogin {
-    login: String,
-    password: String,
-}
 
 pub fn client_ip(req: &HttpRequest, trusted: &[IpAddr]) -> IpAddr {
     let peer = req
@@ -78,11 +72,31 @@ fn credentials(req: &HttpRequest) -> Option<(String, String)> {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if is_upgrade {
-        let q = actix_web::web::Query::<QueryLogin>::from_query(req.query_string()).ok()?;
-        let QueryLogin { login, password } = q.into_inner();
-        return Some((login, password));
+        return query_login(req.query_string());
     }
     None
+}
+
+/// `login` and `password` from a query string. Values are percent-decoded
+/// only (RFC 3986): a `+` is a plus sign, as it is in the secret, and never
+/// a space (the form encoding that `web::Query` applies would turn every
+/// `+` of a secret into a space). A parameter given twice is refused rather
+/// than guessed at.
+fn query_login(query: &str) -> Option<(String, String)> {
+    let (mut login, mut password) = (None, None);
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let slot = match percent_decode_str(name).decode_utf8().ok()?.as_ref() {
+            "login" => &mut login,
+            "password" => &mut password,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return None;
+        }
+        *slot = Some(percent_decode_str(value).decode_utf8().ok()?.into_owned());
+    }
+    Some((login?, password?))
 }
 
 impl FromRequest for ClientIp {
@@ -172,6 +186,26 @@ mod tests {
         assert_eq!(
             credentials(&upgrade),
             Some(("a.2".to_owned(), "p@ss".to_owned()))
+        );
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded_and_plus_stays_plus() {
+        let login = |q: &str| query_login(q).map(|(_, p)| p);
+        assert_eq!(login("login=a&password=x+y"), Some("x+y".into()));
+        assert_eq!(login("login=a&password=x%2By"), Some("x+y".into()));
+        assert_eq!(login("login=a&password=x%20y"), Some("x y".into()));
+        assert_eq!(
+            login("password=%26%3D%25&login=a&other=1"),
+            Some("&=%".into())
+        );
+        assert_eq!(login("login=a&password="), Some(String::new()));
+        assert_eq!(login("login=a"), None);
+        assert_eq!(login("login=a&password=1&password=2"), None);
+        assert_eq!(login("login=a&password=%FF"), None, "not UTF-8");
+        assert_eq!(
+            query_login("login=u%2E2&password=p"),
+            Some(("u.2".into(), "p".into()))
         );
     }
 }

@@ -216,12 +216,13 @@ pub async fn authenticate(
     let stored = match state.credentials.get(address) {
         Some(stored) => Some(stored),
         None => {
+            let began = state.credentials.before_read(address.account);
             let found = store::blocking(&state.pool, move |conn| {
                 store::accounts::find_secret(conn, address).map_err(ApiError::from)
             })
             .await?;
             if let Some(stored) = &found {
-                state.credentials.put(address, stored.clone());
+                state.credentials.put(address, stored.clone(), began);
             }
             found
         }

@@ -4,9 +4,11 @@
 //!
 //! A device's secret never changes, so a cached entry can only go stale by
 //! the device (or its account) being deleted: this process invalidates the
-//! entry when it deletes, and entries expire after the directory TTL, which
-//! bounds how long a deletion made by another process sharing the database
-//! goes unseen. Verification itself (salted SHA-256, constant-time compare)
+//! entry when it deletes, after the commit, and entries expire after
+//! `device_cache_ttl_ms`, which bounds how long a deletion made by another
+//! process sharing the database goes unseen. A read begun before a deletion
+//! can finish after it; [`Generations`] keep it from putting the deleted
+//! device back. Verification itself (salted SHA-256, constant-time compare)
 //! runs on every request; only the lookup is cached. Unknown devices are
 //! never cached.
 
@@ -14,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::generations::{Generation, Generations};
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::store::accounts::StoredSecret;
 
@@ -25,34 +28,55 @@ struct Entry {
     fetched: Instant,
 }
 
+#[derive(Default)]
+struct Inner {
+    accounts: HashMap<AccountId, HashMap<DeviceId, Entry>>,
+    generations: Generations,
+}
+
 pub struct Credentials {
     ttl: Duration,
-    accounts: Mutex<HashMap<AccountId, HashMap<DeviceId, Entry>>>,
+    inner: Mutex<Inner>,
 }
 
 impl Credentials {
     pub fn new(ttl: Duration) -> Self {
         Credentials {
             ttl,
-            accounts: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Inner::default()),
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn get(&self, address: Address) -> Option<StoredSecret> {
-        let accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        accounts
+        self.lock()
+            .accounts
             .get(&address.account)
             .and_then(|devices| devices.get(&address.device))
             .filter(|e| e.fetched.elapsed() < self.ttl)
             .map(|e| e.secret.clone())
     }
 
-    pub fn put(&self, address: Address, secret: StoredSecret) {
-        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        if accounts.len() >= MAX_ACCOUNTS {
-            accounts.clear();
+    /// Call before reading a secret from the database; pass the result to
+    /// [`Credentials::put`].
+    pub fn before_read(&self, account: AccountId) -> Generation {
+        self.lock().generations.noted(account)
+    }
+
+    /// Caches what a read begun at `read_began` found, unless the account
+    /// was invalidated since (the read may predate a deletion).
+    pub fn put(&self, address: Address, secret: StoredSecret, read_began: Generation) {
+        let mut inner = self.lock();
+        if !inner.generations.unchanged(address.account, read_began) {
+            return;
         }
-        accounts.entry(address.account).or_default().insert(
+        if inner.accounts.len() >= MAX_ACCOUNTS {
+            inner.accounts.clear();
+        }
+        inner.accounts.entry(address.account).or_default().insert(
             address.device,
             Entry {
                 secret,
@@ -64,8 +88,9 @@ impl Credentials {
     /// Records that `address` was seen at `at` (ms), so the next request
     /// does not write `lastSeenAt` again.
     pub fn seen(&self, address: Address, at: i64) {
-        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = accounts
+        if let Some(e) = self
+            .lock()
+            .accounts
             .get_mut(&address.account)
             .and_then(|d| d.get_mut(&address.device))
         {
@@ -73,17 +98,54 @@ impl Credentials {
         }
     }
 
+    /// After `address` was deleted (and the deletion committed).
     pub fn forget_device(&self, address: Address) {
-        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(devices) = accounts.get_mut(&address.account) {
+        let mut inner = self.lock();
+        inner.generations.bump(address.account);
+        if let Some(devices) = inner.accounts.get_mut(&address.account) {
             devices.remove(&address.device);
         }
     }
 
+    /// After `account` was deleted (and the deletion committed).
     pub fn forget_account(&self, account: AccountId) {
-        self.accounts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&account);
+        let mut inner = self.lock();
+        inner.generations.bump(account);
+        inner.accounts.remove(&account);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret() -> StoredSecret {
+        StoredSecret {
+            salt: vec![1],
+            hash: vec![2],
+            last_seen_at: 0,
+        }
+    }
+
+    /// The race: a read begins, the device is deleted and forgotten, then
+    /// the read finishes and puts what it saw. It must not be cached.
+    #[test]
+    fn a_read_begun_before_a_deletion_does_not_refill_the_cache() {
+        let cache = Credentials::new(Duration::from_secs(60));
+        let device = Address::new(AccountId::random(), DeviceId(2));
+        let began = cache.before_read(device.account);
+        cache.forget_device(device);
+        cache.put(device, secret(), began);
+        assert!(cache.get(device).is_none());
+
+        let began = cache.before_read(device.account);
+        cache.forget_account(device.account);
+        cache.put(device, secret(), began);
+        assert!(cache.get(device).is_none());
+
+        // A read begun after the deletion is cached as before.
+        let began = cache.before_read(device.account);
+        cache.put(device, secret(), began);
+        assert!(cache.get(device).is_some());
     }
 }

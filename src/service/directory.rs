@@ -6,14 +6,18 @@
 //! at tens of thousands of sends a second those context switches were most of
 //! the server's CPU (see BENCHMARKS.md). This process changes a device set
 //! only by registering, linking or deleting, and each of these invalidates
-//! the entry, so on one process the cache is exact. When several processes
-//! share one PostgreSQL database, another process's change is seen once the
-//! entry's TTL has run out.
+//! the entry after its commit, and a read begun before a change is not
+//! cached if it finishes after it ([`Generations`]), so on one process the
+//! cache is exact: from the moment a link or delete is answered, every send
+//! is checked against the new set. When several processes share one
+//! PostgreSQL database, another process's change is seen once the entry's
+//! TTL has run out.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::generations::{Generation, Generations};
 use crate::domain::address::{AccountId, DeviceId};
 use crate::error::ApiError;
 use crate::store::{self, Pool};
@@ -25,25 +29,38 @@ pub type DeviceSet = Arc<BTreeMap<u32, i64>>;
 /// attacker cannot grow it without bound).
 const MAX_ENTRIES: usize = 200_000;
 
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<AccountId, (Instant, DeviceSet)>,
+    generations: Generations,
+}
+
 pub struct Directory {
     ttl: Duration,
-    entries: Mutex<HashMap<AccountId, (Instant, DeviceSet)>>,
+    inner: Mutex<Inner>,
 }
 
 impl Directory {
     pub fn new(ttl: Duration) -> Self {
         Directory {
             ttl,
-            entries: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Inner::default()),
         }
     }
 
-    fn cached(&self, account: AccountId) -> Option<DeviceSet> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached set, or, on a miss, the generation to read under.
+    fn cached(&self, account: AccountId) -> Result<DeviceSet, Generation> {
+        let inner = self.lock();
+        inner
+            .entries
             .get(&account)
             .filter(|(at, _)| at.elapsed() < self.ttl)
             .map(|(_, set)| set.clone())
+            .ok_or_else(|| inner.generations.noted(account))
     }
 
     /// The account's devices; `None` if the account does not exist.
@@ -52,9 +69,10 @@ impl Directory {
         pool: &Pool,
         account: AccountId,
     ) -> Result<Option<DeviceSet>, ApiError> {
-        if let Some(set) = self.cached(account) {
-            return Ok(Some(set));
-        }
+        let began = match self.cached(account) {
+            Ok(set) => return Ok(Some(set)),
+            Err(began) => began,
+        };
         let rows = store::blocking(pool, move |conn| {
             store::accounts::list_devices(conn, account).map_err(ApiError::from)
         })
@@ -72,20 +90,25 @@ impl Directory {
                 })
                 .collect(),
         );
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() >= MAX_ENTRIES {
-            entries.clear();
+        let mut inner = self.lock();
+        // A change answered while this read was in flight may not be in
+        // `set`: use it for this send (which began before the change was
+        // answered), but do not cache it.
+        if inner.generations.unchanged(account, began) {
+            if inner.entries.len() >= MAX_ENTRIES {
+                inner.entries.clear();
+            }
+            inner.entries.insert(account, (Instant::now(), set.clone()));
         }
-        entries.insert(account, (Instant::now(), set.clone()));
         Ok(Some(set))
     }
 
-    /// Forgets `account`'s entry: call after any change to its devices,
-    /// after the change is committed.
+    /// Forgets `account`'s entry, and keeps reads already in flight from
+    /// putting it back: call after any change to its devices, after the
+    /// change is committed.
     pub fn invalidate(&self, account: AccountId) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&account);
+        let mut inner = self.lock();
+        inner.generations.bump(account);
+        inner.entries.remove(&account);
     }
 }

@@ -5,5 +5,6 @@
 pub mod accounts;
 pub mod credentials;
 pub mod directory;
+pub mod generations;
 pub mod keys;
 pub mod messaging;

@@ -3,7 +3,7 @@
 use diesel::prelude::*;
 
 use super::schema::{accounts, devices, mailbox, mailbox_counts, provisioning_codes};
-use super::{with_conn, Conn, StoreError};
+use super::{with_conn, write_batch, Conn, StoreError};
 use crate::domain::address::{AccountId, Address, DeviceId, PRIMARY_DEVICE};
 
 /// What is stored of a device secret: a salt and SHA-256(salt || secret).
@@ -190,44 +190,64 @@ pub enum LinkRefusal {
 /// Consumes a provisioning code and adds a device to its account, in one
 /// transaction: the code is deleted as it is read, so it links at most one
 /// device even when two requests race (the second finds nothing to delete).
+///
+/// Counting the devices and inserting one is atomic too, so links racing
+/// with distinct codes never take an account past `max_devices`: on SQLite
+/// the transaction is `BEGIN IMMEDIATE` ([`write_batch`]: it holds the
+/// database's write lock from the start), and on PostgreSQL the account row
+/// is locked `FOR UPDATE` before the count, so a concurrent link of the same
+/// account waits for this one to commit and then counts its device. A
+/// refused link still consumes its code.
 pub fn link_device(
     conn: &mut Conn,
     code_hash: &str,
     device: &NewDevice<'_>,
     max_devices: u32,
 ) -> Result<Result<Address, LinkRefusal>, StoreError> {
-    with_conn!(conn, c => c.transaction::<_, StoreError, _>(|c| {
-        let taken: Option<(String, i64)> = diesel::delete(provisioning_codes::table)
+    write_batch(conn, |conn| {
+        let taken: Option<(String, i64)> = with_conn!(conn, c => diesel::delete(provisioning_codes::table)
             .filter(provisioning_codes::code_hash.eq(code_hash))
             .returning((provisioning_codes::account, provisioning_codes::expires_at))
             .get_result(c)
-            .optional()?;
+            .optional())?;
         let account = match taken {
             Some((account, expires_at)) if expires_at > device.now => account,
             _ => return Ok(Err(LinkRefusal::InvalidCode)),
         };
-        let count: i64 = devices::table
-            .filter(devices::account.eq(&account))
-            .count()
-            .get_result(c)?;
-        if count >= i64::from(max_devices) {
-            return Ok(Err(LinkRefusal::TooManyDevices));
+        if let Conn::Pg(c) = conn {
+            // Each statement of a READ COMMITTED transaction sees what was
+            // committed before it started: the count below, run once the lock
+            // is ours, sees every device a racing link committed.
+            accounts::table
+                .filter(accounts::uuid.eq(&account))
+                .select(accounts::uuid)
+                .for_update()
+                .first::<String>(c)?;
         }
-        // Read-and-bump in one UPDATE … RETURNING so two links never share an id.
-        let next: i64 = diesel::update(accounts::table)
-            .filter(accounts::uuid.eq(&account))
-            .set(accounts::next_device_id.eq(accounts::next_device_id + 1))
-            .returning(accounts::next_device_id)
-            .get_result(c)?;
-        let device_id = DeviceId(u32::try_from(next - 1).map_err(|_| {
-            StoreError::Migration("device ids exhausted for account".into())
-        })?);
-        insert_device_row!(c, &account, device_id, device)?;
-        let account: AccountId = account
-            .parse()
-            .map_err(|_| StoreError::Migration("corrupt account id".into()))?;
-        Ok(Ok(Address::new(account, device_id)))
-    }))
+        with_conn!(conn, c => {
+            let count: i64 = devices::table
+                .filter(devices::account.eq(&account))
+                .count()
+                .get_result(c)?;
+            if count >= i64::from(max_devices) {
+                return Ok(Err(LinkRefusal::TooManyDevices));
+            }
+            // Read-and-bump in one UPDATE … RETURNING so two links never share an id.
+            let next: i64 = diesel::update(accounts::table)
+                .filter(accounts::uuid.eq(&account))
+                .set(accounts::next_device_id.eq(accounts::next_device_id + 1))
+                .returning(accounts::next_device_id)
+                .get_result(c)?;
+            let device_id = DeviceId(u32::try_from(next - 1).map_err(|_| {
+                StoreError::Migration("device ids exhausted for account".into())
+            })?);
+            insert_device_row!(c, &account, device_id, device)?;
+            let account: AccountId = account
+                .parse()
+                .map_err(|_| StoreError::Migration("corrupt account id".into()))?;
+            Ok(Ok(Address::new(account, device_id)))
+        })
+    })
 }
 
 /// Deletes expired provisioning codes; returns how many.

@@ -2,8 +2,11 @@
 //! (UUIDv7, so by acceptance time) within each device.
 //!
 //! Writes arrive here only from the mailbox writer's thread, in batches
-//! ([`apply`]); reads ([`load_page`], [`counts`]) come from the
-//! blocking pool and never hold a transaction open across pages.
+//! ([`apply`]), and from the sweeper ([`delete_expired`]); reads
+//! ([`load_page`], [`counts`]) come from the blocking pool (or the writer's
+//! thread) and never hold a transaction open across pages. Both writers run
+//! in [`write_batch`](super::write_batch) (`BEGIN IMMEDIATE` on SQLite), so
+//! a batch never fails with `SQLITE_BUSY_SNAPSHOT` when it reads first.
 
 use diesel::prelude::*;
 use uuid::Uuid;
@@ -13,7 +16,7 @@ use std::collections::HashMap;
 use diesel::upsert::excluded;
 
 use super::schema::{mailbox, mailbox_counts};
-use super::{with_conn, Conn, StoreError};
+use super::{with_conn, write_batch, Conn, StoreError};
 use crate::domain::address::{Address, DeviceId};
 use crate::domain::envelope::Envelope;
 
@@ -100,48 +103,50 @@ pub enum Outcome {
 /// reserved before the copies were routed (the mailbox writer's quota), so
 /// every insert is stored; `mailbox_counts` follows in the same transaction.
 pub fn apply(conn: &mut Conn, writes: &[Write<'_>]) -> Result<Vec<Outcome>, StoreError> {
-    with_conn!(conn, c => c.transaction::<_, StoreError, _>(|c| {
-        let mut results = Vec::with_capacity(writes.len());
-        let mut pending: Vec<Row> = Vec::new();
-        let mut counts: HashMap<(String, i64), i64> = HashMap::new();
-        for w in writes {
-            match w {
-                Write::Insert { dest, envelope } => {
-                    *counts
-                        .entry((dest.account.as_db(), dest.device.as_db()))
-                        .or_default() += 1;
-                    pending.push(row(*dest, envelope));
-                    results.push(Outcome::Stored);
-                }
-                Write::Delete { dest, guid } => {
-                    for chunk in pending.chunks(INSERT_CHUNK) {
-                        insert_rows!(c, chunk)?;
-                    }
-                    pending.clear();
-                    let n = diesel::delete(mailbox::table)
-                        .filter(mailbox::account.eq(dest.account.as_db()))
-                        .filter(mailbox::device_id.eq(dest.device.as_db()))
-                        .filter(mailbox::guid.eq(guid.hyphenated().to_string()))
-                        .execute(c)?;
-                    if n > 0 {
+    write_batch(conn, |conn| {
+        with_conn!(conn, c => {
+            let mut results = Vec::with_capacity(writes.len());
+            let mut pending: Vec<Row> = Vec::new();
+            let mut counts: HashMap<(String, i64), i64> = HashMap::new();
+            for w in writes {
+                match w {
+                    Write::Insert { dest, envelope } => {
                         *counts
                             .entry((dest.account.as_db(), dest.device.as_db()))
-                            .or_default() -= 1;
-                        results.push(Outcome::Deleted);
-                    } else {
-                        results.push(Outcome::Absent);
+                            .or_default() += 1;
+                        pending.push(row(*dest, envelope));
+                        results.push(Outcome::Stored);
+                    }
+                    Write::Delete { dest, guid } => {
+                        for chunk in pending.chunks(INSERT_CHUNK) {
+                            insert_rows!(c, chunk)?;
+                        }
+                        pending.clear();
+                        let n = diesel::delete(mailbox::table)
+                            .filter(mailbox::account.eq(dest.account.as_db()))
+                            .filter(mailbox::device_id.eq(dest.device.as_db()))
+                            .filter(mailbox::guid.eq(guid.hyphenated().to_string()))
+                            .execute(c)?;
+                        if n > 0 {
+                            *counts
+                                .entry((dest.account.as_db(), dest.device.as_db()))
+                                .or_default() -= 1;
+                            results.push(Outcome::Deleted);
+                        } else {
+                            results.push(Outcome::Absent);
+                        }
                     }
                 }
             }
-        }
-        for chunk in pending.chunks(INSERT_CHUNK) {
-            insert_rows!(c, chunk)?;
-        }
-        for ((account, device), delta) in counts {
-            adjust_count!(c, &account, device, delta)?;
-        }
-        Ok(results)
-    }))
+            for chunk in pending.chunks(INSERT_CHUNK) {
+                insert_rows!(c, chunk)?;
+            }
+            for ((account, device), delta) in counts {
+                adjust_count!(c, &account, device, delta)?;
+            }
+            Ok(results)
+        })
+    })
 }
 
 fn row(dest: Address, e: &Envelope) -> Row {
@@ -229,32 +234,35 @@ pub fn counts(conn: &mut Conn, dests: &[Address]) -> Result<Vec<(Address, i64)>,
 
 /// Deletes copies accepted before `before_ms`, at most `limit` per call
 /// and in one transaction with the counts, so a sweep never holds the
-/// write lock for long. Returns how many.
+/// write lock for long. Returns how many. It reads its victims first, so
+/// it runs in [`write_batch`](super::write_batch), as [`apply`] does.
 pub fn delete_expired(conn: &mut Conn, before_ms: i64, limit: i64) -> Result<usize, StoreError> {
-    let n = with_conn!(conn, c => c.transaction::<_, StoreError, _>(|c| {
-        let victims: Vec<(String, i64, String)> = mailbox::table
-            .filter(mailbox::server_timestamp.lt(before_ms))
-            .select((mailbox::account, mailbox::device_id, mailbox::guid))
-            .limit(limit)
-            .load(c)?;
-        let mut deltas: HashMap<(String, i64), i64> = HashMap::new();
-        let mut n = 0;
-        for (account, device, guid) in victims {
-            let deleted = diesel::delete(mailbox::table)
-                .filter(mailbox::account.eq(&account))
-                .filter(mailbox::device_id.eq(device))
-                .filter(mailbox::guid.eq(guid))
-                .execute(c)?;
-            if deleted > 0 {
-                *deltas.entry((account, device)).or_default() -= deleted as i64;
-                n += deleted;
+    let n = write_batch(conn, |conn| {
+        with_conn!(conn, c => {
+            let victims: Vec<(String, i64, String)> = mailbox::table
+                .filter(mailbox::server_timestamp.lt(before_ms))
+                .select((mailbox::account, mailbox::device_id, mailbox::guid))
+                .limit(limit)
+                .load(c)?;
+            let mut deltas: HashMap<(String, i64), i64> = HashMap::new();
+            let mut n = 0;
+            for (account, device, guid) in victims {
+                let deleted = diesel::delete(mailbox::table)
+                    .filter(mailbox::account.eq(&account))
+                    .filter(mailbox::device_id.eq(device))
+                    .filter(mailbox::guid.eq(guid))
+                    .execute(c)?;
+                if deleted > 0 {
+                    *deltas.entry((account, device)).or_default() -= deleted as i64;
+                    n += deleted;
+                }
             }
-        }
-        for ((account, device), delta) in deltas {
-            adjust_count!(c, &account, device, delta)?;
-        }
-        Ok(n)
-    }))?;
+            for ((account, device), delta) in deltas {
+                adjust_count!(c, &account, device, delta)?;
+            }
+            Ok(n)
+        })
+    })?;
     Ok(n)
 }
 
