@@ -71,11 +71,11 @@ async fn a_batch_is_never_reported_committed_when_it_was_not(backend: Backend) {
     drop(db);
 }
 
-/// The mailbox writer's batch (`store::mailbox::apply`) reads each device's
-/// count before it inserts. In a deferred SQLite transaction, another
-/// connection committing between that read and the first write fails the
-/// batch at once with `SQLITE_BUSY_SNAPSHOT`, which the busy timeout does
-/// not cover: every batch must survive other writers on the same file.
+/// Mailbox batches (`store::mailbox::apply`) must survive other writers on
+/// the same file. A deferred SQLite transaction that reads before it writes
+/// fails at once with `SQLITE_BUSY_SNAPSHOT` when another connection commits
+/// in between, which the busy timeout does not cover; batches take the write
+/// lock up front.
 async fn mailbox_batches_survive_a_concurrent_writer(backend: Backend) {
     use courier::domain::address::{AccountId, Address, DeviceId};
     use courier::domain::envelope::{new_guid, Envelope};
@@ -107,7 +107,7 @@ async fn mailbox_batches_survive_a_concurrent_writer(backend: Backend) {
                         dest,
                         envelope: &envelope,
                     }];
-                    match mailbox::apply(&mut conn, &writes, 1_000_000) {
+                    match mailbox::apply(&mut conn, &writes) {
                         Ok(outcomes) => assert_eq!(outcomes, [Outcome::Stored]),
                         Err(e) => failures.push(e.to_string()),
                     }
