@@ -18,7 +18,7 @@ use crate::actors::keys::KeysActor;
 use crate::actors::mailbox::quota::Quota;
 use crate::actors::mailbox::MailboxWriter;
 use crate::actors::router::{Drain, Router};
-use crate::actors::sweeper::Sweeper;
+use crate::service::sweeper::Sweeper;
 use crate::config::Config;
 use crate::limits::Limiters;
 use crate::metrics::Metrics;

@@ -9,7 +9,8 @@
 //! - [`ws`]: the WebSocket transport: the device session actor, its frames,
 //!   its replay and its held copies, and the byte stream under it.
 //! - [`service`]: what handlers and WebSocket sessions share (send path, keys, accounts).
-//! - [`actors`]: router, keys actor, mailbox writer (and its quota), sweeper.
+//! - [`actors`]: router, keys actor, mailbox writer (and its quota): the
+//!   long-lived state; they never see the app's shared `State`.
 //! - [`domain`]: pure rules (addresses, Sesame device-set check, key checks, secrets).
 //! - [`store`]: every Diesel query, synchronous, for SQLite and PostgreSQL.
 //! - [`error`]: the SPEC's error bodies; [`limits`]: GCRA rate limits;

@@ -5,11 +5,9 @@
 //! [`crate::ws`]; the router knows it only by the messages it sends it.
 //! - [`keys::KeysActor`]: serialises prekey access and group-commits it (dedicated thread).
 //! - [`mailbox::MailboxWriter`]: group-commits mailbox writes (dedicated thread).
-//! - [`sweeper::Sweeper`]: retention and housekeeping on an interval.
 //! - [`group_commit::GroupCommit`]: the batch-and-commit thread both storage workers use.
 
 pub mod group_commit;
 pub mod keys;
 pub mod mailbox;
 pub mod router;
-pub mod sweeper;

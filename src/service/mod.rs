@@ -1,6 +1,8 @@
 //! Orchestration shared by the HTTP handlers and the WebSocket session:
 //! validation, rate limits, storage and actors, with no HTTP types. Each
-//! function returns the SPEC's answer or an `ApiError`.
+//! function returns the SPEC's answer or an `ApiError`. The `Sweeper` is
+//! the one timer here: housekeeping (retention, expired codes, rate-limit
+//! keys) run on an interval over the shared state.
 
 pub mod accounts;
 pub mod credentials;
@@ -8,3 +10,4 @@ pub mod directory;
 pub mod generations;
 pub mod keys;
 pub mod messaging;
+pub mod sweeper;
