@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use courier::limits::Limit;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -26,7 +27,7 @@ fn one_time_keys(ids: std::ops::RangeInclusive<u32>) -> Value {
 async fn one_account_cannot_drain_another_users_one_time_keys(backend: Backend) {
     let server = TestServer::start_with(backend, |c| {
         c.rate_limits = true;
-        c.limits.bundle_fetch_per_pair = "5/h".parse().unwrap();
+        c.limits[Limit::BundleFetchPerPair] = "5/h".parse().unwrap();
     })
     .await;
     let victim = TestDevice::register(&server).await;
@@ -75,7 +76,7 @@ async fn one_account_cannot_drain_another_users_one_time_keys(backend: Backend) 
 async fn floods_and_oversize_sends_do_not_starve_others(backend: Backend) {
     let server = TestServer::start_with(backend, |c| {
         c.rate_limits = true;
-        c.limits.sends_per_account = "20/min".parse().unwrap();
+        c.limits[Limit::SendsPerAccount] = "20/min".parse().unwrap();
     })
     .await;
     let flooder = TestDevice::register(&server).await;
@@ -151,7 +152,7 @@ async fn floods_and_oversize_sends_do_not_starve_others(backend: Backend) {
 async fn a_rate_limited_websocket_sender_is_slowed_not_dropped(backend: Backend) {
     let server = TestServer::start_with(backend, |c| {
         c.rate_limits = true;
-        c.limits.sends_per_account = "5/min".parse().unwrap();
+        c.limits[Limit::SendsPerAccount] = "5/min".parse().unwrap();
     })
     .await;
     let flooder = TestDevice::register(&server).await;

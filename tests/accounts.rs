@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
+use courier::limits::Limit;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -644,7 +645,7 @@ async fn deleting_a_device_or_the_account_closes_its_sockets(backend: Backend) {
 async fn registration_is_rate_limited_per_ip(backend: Backend) {
     let server = TestServer::start_with(backend, |c| {
         c.rate_limits = true;
-        c.limits.register_per_ip = "2/h".parse().expect("rate");
+        c.limits[Limit::RegisterPerIp] = "2/h".parse().expect("rate");
     })
     .await;
     let body = json!({"password": PASSWORD, "registrationId": 1});

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::process::CourierProcess;
 use common::*;
+use courier::limits::Limit;
 use diesel::connection::SimpleConnection;
 use diesel::Connection;
 use reqwest::{Method, StatusCode};
@@ -82,8 +83,8 @@ async fn systemd_notify_ready_then_stopping(backend: Backend) {
 async fn rate_limits_are_per_key(backend: Backend) {
     let server = TestServer::start_with(backend, |c| {
         c.rate_limits = true;
-        c.limits.register_per_ip = "3/h".parse().unwrap();
-        c.limits.bundle_fetch_per_pair = "2/h".parse().unwrap();
+        c.limits[Limit::RegisterPerIp] = "3/h".parse().unwrap();
+        c.limits[Limit::BundleFetchPerPair] = "2/h".parse().unwrap();
     })
     .await;
     let alice = TestDevice::register(&server).await;

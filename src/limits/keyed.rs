@@ -1,44 +1,16 @@
-//! Named GCRA rate limits, one keyed limiter each.
-//!
-//! Keys are client IPs (an IPv6 client by its /64, see [`client_key`]) or
-//! account ids. A limiter remembers one instant per key, and only while it
-//! matters: a key whose bucket is full again carries no state (it behaves
-//! exactly like a key never seen), so [`Limiters::evict_replenished`], which
-//! the sweeper calls every minute, forgets it. Each limiter also holds at
-//! most [`MAX_KEYS`] keys, however many addresses a flood comes from.
+//! One keyed GCRA limiter: the arithmetic behind every [`super::Limit`].
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, Rate};
-use crate::domain::address::AccountId;
-use crate::error::ApiError;
-use crate::metrics::Metrics;
-
-/// Keys one limiter tracks at most. A key costs about 60 bytes, so the
-/// seven limiters stay within a few tens of MiB under any flood.
-pub const MAX_KEYS: usize = 100_000;
-
-/// The key a client IP is limited under: an IPv4 address whole, an IPv6
-/// address by its /64 prefix. One IPv6 host is usually handed a whole /64,
-/// so keying by the full address would give it 2^64 fresh buckets. An
-/// IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack socket
-/// reports for IPv4 peers) is the IPv4 address it maps: masking it to /64
-/// would put every IPv4 client in one bucket.
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
-    }
-}
+use crate::config::Rate;
 
 /// One keyed GCRA limiter. The `Mutex` is held only for one check, or for
 /// one eviction pass over the map.
-struct Keyed<K: Eq + Hash + Clone> {
-    name: &'static str,
+pub(super) struct Keyed<K: Eq + Hash + Clone> {
+    pub(super) name: &'static str,
     /// The sustained spacing of requests: `per / count`.
     interval: Duration,
     /// How far a key's TAT may run ahead of now: `interval × (count − 1)`,
@@ -53,7 +25,7 @@ struct Keyed<K: Eq + Hash + Clone> {
 }
 
 impl<K: Eq + Hash + Clone> Keyed<K> {
-    fn new(name: &'static str, rate: Rate, cap: usize) -> Self {
+    pub(super) fn new(name: &'static str, rate: Rate, cap: usize) -> Self {
         let interval = rate.per / rate.count.max(1);
         Keyed {
             name,
@@ -64,7 +36,7 @@ impl<K: Eq + Hash + Clone> Keyed<K> {
         }
     }
 
-    fn check(&self, key: K) -> Result<(), Duration> {
+    pub(super) fn check(&self, key: K) -> Result<(), Duration> {
         self.check_at(key, Instant::now())
     }
 
@@ -120,7 +92,7 @@ impl<K: Eq + Hash + Clone> Keyed<K> {
     }
 
     /// Forgets every key whose bucket is full again at `now`; returns how many.
-    fn evict_replenished(&self, now: Instant) -> usize {
+    pub(super) fn evict_replenished(&self, now: Instant) -> usize {
         let mut tats = self.tats.lock().unwrap_or_else(|p| p.into_inner());
         let before = tats.len();
         tats.retain(|_, tat| *tat > now);
@@ -137,113 +109,12 @@ impl<K: Eq + Hash + Clone> Keyed<K> {
     }
 }
 
-/// Every limit the server enforces.
-pub struct Limiters {
-    enabled: bool,
-    metrics: Metrics,
-    register: Keyed<IpAddr>,
-    link: Keyed<IpAddr>,
-    auth_failure: Keyed<IpAddr>,
-    send: Keyed<AccountId>,
-    bundle_account: Keyed<AccountId>,
-    bundle_pair: Keyed<(AccountId, AccountId)>,
-    provisioning: Keyed<AccountId>,
-}
-
-impl Limiters {
-    pub fn new(config: &Config, metrics: Metrics) -> Self {
-        let l = &config.limits;
-        Limiters {
-            enabled: config.rate_limits,
-            metrics,
-            register: Keyed::new("register_per_ip", l.register_per_ip, MAX_KEYS),
-            link: Keyed::new("link_per_ip", l.link_per_ip, MAX_KEYS),
-            auth_failure: Keyed::new("auth_failures_per_ip", l.auth_failures_per_ip, MAX_KEYS),
-            send: Keyed::new("sends_per_account", l.sends_per_account, MAX_KEYS),
-            bundle_account: Keyed::new(
-                "bundle_fetch_per_account",
-                l.bundle_fetch_per_account,
-                MAX_KEYS,
-            ),
-            bundle_pair: Keyed::new("bundle_fetch_per_pair", l.bundle_fetch_per_pair, MAX_KEYS),
-            provisioning: Keyed::new(
-                "provisioning_per_account",
-                l.provisioning_per_account,
-                MAX_KEYS,
-            ),
-        }
-    }
-
-    fn gate<K: Eq + Hash + Clone>(&self, limiter: &Keyed<K>, key: K) -> Result<(), ApiError> {
-        if !self.enabled {
-            return Ok(());
-        }
-        limiter.check(key).map_err(|wait| {
-            self.metrics
-                .rate_limited
-                .with_label_values(&[limiter.name])
-                .inc();
-            ApiError::RateLimited {
-                // Whole seconds, rounded up, and never 0 (clients would spin).
-                retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),
-            }
-        })
-    }
-
-    pub fn register(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.gate(&self.register, client_key(ip))
-    }
-
-    pub fn link(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.gate(&self.link, client_key(ip))
-    }
-
-    /// Counts one failed authentication; past the limit the client gets 429
-    /// instead of 401, whatever it sends.
-    pub fn auth_failure(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.gate(&self.auth_failure, client_key(ip))
-    }
-
-    pub fn send(&self, account: AccountId) -> Result<(), ApiError> {
-        self.gate(&self.send, account)
-    }
-
-    /// Both the per-account and the per-(account, target) limit must allow it.
-    pub fn bundle_fetch(&self, account: AccountId, target: AccountId) -> Result<(), ApiError> {
-        self.gate(&self.bundle_account, account)?;
-        if account != target {
-            self.gate(&self.bundle_pair, (account, target))?;
-        }
-        Ok(())
-    }
-
-    pub fn provisioning(&self, account: AccountId) -> Result<(), ApiError> {
-        self.gate(&self.provisioning, account)
-    }
-
-    /// Forgets every key whose bucket is full again (it would behave the
-    /// same if it had never been seen); returns how many were dropped.
-    pub fn evict_replenished(&self) -> usize {
-        let now = Instant::now();
-        self.register.evict_replenished(now)
-            + self.link.evict_replenished(now)
-            + self.auth_failure.evict_replenished(now)
-            + self.send.evict_replenished(now)
-            + self.bundle_account.evict_replenished(now)
-            + self.bundle_pair.evict_replenished(now)
-            + self.provisioning.evict_replenished(now)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::MAX_KEYS;
 
     const HOUR: Duration = Duration::from_secs(3600);
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
 
     #[test]
     fn a_rate_of_n_admits_a_burst_of_exactly_n() {
@@ -264,7 +135,7 @@ mod tests {
     }
 
     /// The longest period `Rate` accepts must not trip the limiter's `Instant` arithmetic
-    /// (a period of `i64::MAX` seconds panicked on the first check, see `config.rs`).
+    /// (a period of `i64::MAX` seconds panicked on the first check, see `config/rate.rs`).
     #[test]
     fn the_longest_rate_period_is_safe() {
         let per = Duration::from_secs(Rate::MAX_PERIOD_SECS);
@@ -276,52 +147,6 @@ mod tests {
             assert!(k.check(2u8).is_ok());
             assert_eq!(k.evict_replenished(Instant::now()), 0);
         }
-    }
-
-    #[test]
-    fn ipv6_is_keyed_by_its_64_and_ipv4_by_the_whole_address() {
-        assert_eq!(
-            client_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
-            ip("2001:db8:1:2::")
-        );
-        assert_eq!(
-            client_key(ip("2001:db8:1:2::1")),
-            client_key(ip("2001:db8:1:2:ffff::9"))
-        );
-        assert_ne!(
-            client_key(ip("2001:db8:1:2::1")),
-            client_key(ip("2001:db8:1:3::1"))
-        );
-        assert_eq!(client_key(ip("192.0.2.1")), ip("192.0.2.1"));
-        assert_ne!(client_key(ip("192.0.2.1")), client_key(ip("192.0.2.2")));
-        // What a dual-stack socket reports for an IPv4 peer is that peer, not a /64 of
-        // every IPv4 client.
-        assert_eq!(client_key(ip("::ffff:192.0.2.1")), ip("192.0.2.1"));
-        assert_ne!(
-            client_key(ip("::ffff:192.0.2.1")),
-            client_key(ip("::ffff:192.0.2.2"))
-        );
-    }
-
-    /// Through the public entry points: every address of one /64 shares the
-    /// per-IP budget, another /64 and another IPv4 address have their own.
-    #[test]
-    fn per_ip_limits_share_one_budget_per_64() {
-        let mut config = Config::default();
-        config.limits.register_per_ip = Rate::new(2, HOUR);
-        let limits = Limiters::new(&config, Metrics::new());
-        assert!(limits.register(ip("2001:db8:0:7::1")).is_ok());
-        assert!(limits.register(ip("2001:db8:0:7::2")).is_ok());
-        let refused = limits.register(ip("2001:db8:0:7:dead:beef:0:3"));
-        assert!(
-            matches!(refused, Err(ApiError::RateLimited { .. })),
-            "{refused:?}"
-        );
-        assert!(limits.register(ip("2001:db8:0:8::1")).is_ok());
-        assert!(limits.register(ip("192.0.2.1")).is_ok());
-        assert!(limits.register(ip("192.0.2.1")).is_ok());
-        assert!(limits.register(ip("192.0.2.1")).is_err());
-        assert!(limits.register(ip("192.0.2.2")).is_ok());
     }
 
     /// A key whose bucket is full again is forgotten; a key still being

@@ -1,0 +1,370 @@
+//! Named GCRA rate limits, one keyed limiter each.
+//!
+//! Every limit is one row of the table below: its [`Limit`] variant, its name
+//! (`[limits] <name>` in TOML, `COURIER_LIMIT_<NAME>` in the environment, the
+//! `limit` label of `rate_limited_total`), its default rate and what it is keyed
+//! by. The configuration ([`crate::config::Limits`]), the environment overlay,
+//! `courier config` and [`Limiters`] all go by that table, so adding a limit is
+//! adding a row, then calling [`Limiters::check`] where it applies.
+//!
+//! Keys are client IPs (an IPv6 client by its /64, see [`client_key`]) or
+//! account ids. A limiter remembers one instant per key, and only while it
+//! matters: a key whose bucket is full again carries no state (it behaves
+//! exactly like a key never seen), so [`Limiters::evict_replenished`], which
+//! the sweeper calls every minute, forgets it. Each limiter also holds at
+//! most [`MAX_KEYS`] keys, however many addresses a flood comes from.
+
+mod keyed;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, Rate};
+use crate::domain::address::AccountId;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+use keyed::Keyed;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Declares [`Limit`] from the table of limits, one row each:
+/// `Variant: "config_name", default rate, key kind;`.
+macro_rules! limits {
+    ($($(#[doc = $doc:literal])* $variant:ident: $name:literal, $rate:expr, $key:ident;)+) => {
+        /// A named rate limit. Its declaration order indexes
+        /// [`crate::config::Limits`] and the limiters.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Limit {
+            $($(#[doc = $doc])* $variant,)+
+        }
+
+        impl Limit {
+            /// How many limits there are.
+            pub const COUNT: usize = [$($name),+].len();
+            /// Every limit, in declaration order.
+            pub const ALL: [Limit; Limit::COUNT] = [$(Limit::$variant),+];
+            /// Every limit's name, in declaration order.
+            pub const NAMES: [&'static str; Limit::COUNT] = [$($name),+];
+
+            /// Its rate when the configuration does not set it.
+            pub const fn default_rate(self) -> Rate {
+                match self {
+                    $(Limit::$variant => $rate,)+
+                }
+            }
+
+            /// What it counts requests against.
+            pub const fn key(self) -> KeyKind {
+                match self {
+                    $(Limit::$variant => KeyKind::$key,)+
+                }
+            }
+        }
+    };
+}
+
+// The one table of limits: README.md's `[limits]` table lists the same.
+limits! {
+    /// `POST /v1/accounts` per client IP.
+    RegisterPerIp: "register_per_ip", Rate::new(20, HOUR), ClientIp;
+    /// `POST /v1/devices` (linking) per client IP.
+    LinkPerIp: "link_per_ip", Rate::new(20, HOUR), ClientIp;
+    /// Failed authentications per client IP (password guessing).
+    AuthFailuresPerIp: "auth_failures_per_ip", Rate::new(100, MINUTE), ClientIp;
+    /// Message sends per sending account.
+    SendsPerAccount: "sends_per_account", Rate::new(6_000, MINUTE), Account;
+    /// Prekey-bundle fetches per fetching account.
+    BundleFetchPerAccount: "bundle_fetch_per_account", Rate::new(600, MINUTE), Account;
+    /// Prekey-bundle fetches per (fetching account, target account): bounds
+    /// how fast anyone can drain one user's one-time keys.
+    BundleFetchPerPair: "bundle_fetch_per_pair", Rate::new(60, HOUR), AccountPair;
+    /// Provisioning codes per account.
+    ProvisioningPerAccount: "provisioning_per_account", Rate::new(20, HOUR), Account;
+}
+
+impl Limit {
+    /// Its name in `[limits]`, in `COURIER_LIMIT_<NAME>` (upper case) and in metrics.
+    pub const fn name(self) -> &'static str {
+        Limit::NAMES[self as usize]
+    }
+
+    /// The limit called `name` (lower case, as in `[limits]`).
+    pub fn from_name(name: &str) -> Option<Limit> {
+        Limit::ALL.into_iter().find(|limit| limit.name() == name)
+    }
+}
+
+/// What a [`Limit`] counts requests against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// The client IP, an IPv6 client by its /64 ([`client_key`]).
+    ClientIp,
+    /// The account making the request.
+    Account,
+    /// The account making the request and the account it is about.
+    AccountPair,
+}
+
+/// One key a request is counted under. `From` makes one of an `IpAddr`, an
+/// `AccountId` or an `(AccountId, AccountId)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Key {
+    ClientIp(IpAddr),
+    Account(AccountId),
+    AccountPair(AccountId, AccountId),
+}
+
+impl Key {
+    pub fn kind(&self) -> KeyKind {
+        match self {
+            Key::ClientIp(_) => KeyKind::ClientIp,
+            Key::Account(_) => KeyKind::Account,
+            Key::AccountPair(..) => KeyKind::AccountPair,
+        }
+    }
+}
+
+impl From<IpAddr> for Key {
+    fn from(ip: IpAddr) -> Self {
+        Key::ClientIp(ip)
+    }
+}
+
+impl From<AccountId> for Key {
+    fn from(account: AccountId) -> Self {
+        Key::Account(account)
+    }
+}
+
+impl From<(AccountId, AccountId)> for Key {
+    fn from((account, other): (AccountId, AccountId)) -> Self {
+        Key::AccountPair(account, other)
+    }
+}
+
+/// Keys one limiter tracks at most. A key costs about 60 bytes, so the
+/// limiters stay within a few tens of MiB under any flood.
+pub const MAX_KEYS: usize = 100_000;
+
+/// The key a client IP is limited under: an IPv4 address whole, an IPv6
+/// address by its /64 prefix. One IPv6 host is usually handed a whole /64,
+/// so keying by the full address would give it 2^64 fresh buckets. An
+/// IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack socket
+/// reports for IPv4 peers) is the IPv4 address it maps: masking it to /64
+/// would put every IPv4 client in one bucket.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+    }
+}
+
+/// Every limit the server enforces: one keyed limiter per [`Limit`].
+pub struct Limiters {
+    enabled: bool,
+    metrics: Metrics,
+    limiters: [Keyed<Key>; Limit::COUNT],
+}
+
+impl Limiters {
+    pub fn new(config: &Config, metrics: Metrics) -> Self {
+        Limiters {
+            enabled: config.rate_limits,
+            metrics,
+            limiters: Limit::ALL
+                .map(|limit| Keyed::new(limit.name(), config.limits[limit], MAX_KEYS)),
+        }
+    }
+
+    /// Admits one request under `limit` for `key`, a key of the limit's
+    /// [`KeyKind`], or refuses it with `429` and how long to wait.
+    pub fn check(&self, limit: Limit, key: impl Into<Key>) -> Result<(), ApiError> {
+        let key = match key.into() {
+            Key::ClientIp(ip) => Key::ClientIp(client_key(ip)),
+            key => key,
+        };
+        debug_assert_eq!(key.kind(), limit.key(), "{limit:?} checked with {key:?}");
+        if !self.enabled {
+            return Ok(());
+        }
+        let limiter = &self.limiters[limit as usize];
+        limiter.check(key).map_err(|wait| {
+            self.metrics
+                .rate_limited
+                .with_label_values(&[limiter.name])
+                .inc();
+            ApiError::RateLimited {
+                // Whole seconds, rounded up, and never 0 (clients would spin).
+                retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),
+            }
+        })
+    }
+
+    pub fn register(&self, ip: IpAddr) -> Result<(), ApiError> {
+        self.check(Limit::RegisterPerIp, ip)
+    }
+
+    pub fn link(&self, ip: IpAddr) -> Result<(), ApiError> {
+        self.check(Limit::LinkPerIp, ip)
+    }
+
+    /// Counts one failed authentication; past the limit the client gets 429
+    /// instead of 401, whatever it sends.
+    pub fn auth_failure(&self, ip: IpAddr) -> Result<(), ApiError> {
+        self.check(Limit::AuthFailuresPerIp, ip)
+    }
+
+    pub fn send(&self, account: AccountId) -> Result<(), ApiError> {
+        self.check(Limit::SendsPerAccount, account)
+    }
+
+    /// Both the per-account and the per-(account, target) limit must allow it.
+    pub fn bundle_fetch(&self, account: AccountId, target: AccountId) -> Result<(), ApiError> {
+        self.check(Limit::BundleFetchPerAccount, account)?;
+        if account != target {
+            self.check(Limit::BundleFetchPerPair, (account, target))?;
+        }
+        Ok(())
+    }
+
+    pub fn provisioning(&self, account: AccountId) -> Result<(), ApiError> {
+        self.check(Limit::ProvisioningPerAccount, account)
+    }
+
+    /// Forgets every key whose bucket is full again (it would behave the
+    /// same if it had never been seen); returns how many were dropped.
+    pub fn evict_replenished(&self) -> usize {
+        let now = Instant::now();
+        self.limiters
+            .iter()
+            .map(|limiter| limiter.evict_replenished(now))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_is_keyed_by_its_64_and_ipv4_by_the_whole_address() {
+        assert_eq!(
+            client_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            client_key(ip("2001:db8:1:2::1")),
+            client_key(ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(
+            client_key(ip("2001:db8:1:2::1")),
+            client_key(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(client_key(ip("192.0.2.1")), ip("192.0.2.1"));
+        assert_ne!(client_key(ip("192.0.2.1")), client_key(ip("192.0.2.2")));
+        // What a dual-stack socket reports for an IPv4 peer is that peer, not a /64 of
+        // every IPv4 client.
+        assert_eq!(client_key(ip("::ffff:192.0.2.1")), ip("192.0.2.1"));
+        assert_ne!(
+            client_key(ip("::ffff:192.0.2.1")),
+            client_key(ip("::ffff:192.0.2.2"))
+        );
+    }
+
+    /// Through the public entry points: every address of one /64 shares the
+    /// per-IP budget, another /64 and another IPv4 address have their own.
+    #[test]
+    fn per_ip_limits_share_one_budget_per_64() {
+        let mut config = Config::default();
+        config.limits[Limit::RegisterPerIp] = Rate::new(2, HOUR);
+        let limits = Limiters::new(&config, Metrics::new());
+        assert!(limits.register(ip("2001:db8:0:7::1")).is_ok());
+        assert!(limits.register(ip("2001:db8:0:7::2")).is_ok());
+        let refused = limits.register(ip("2001:db8:0:7:dead:beef:0:3"));
+        assert!(
+            matches!(refused, Err(ApiError::RateLimited { .. })),
+            "{refused:?}"
+        );
+        assert!(limits.register(ip("2001:db8:0:8::1")).is_ok());
+        assert!(limits.register(ip("192.0.2.1")).is_ok());
+        assert!(limits.register(ip("192.0.2.1")).is_ok());
+        assert!(limits.register(ip("192.0.2.1")).is_err());
+        assert!(limits.register(ip("192.0.2.2")).is_ok());
+    }
+
+    /// The table's names are the contract (`[limits]`, `COURIER_LIMIT_<NAME>`,
+    /// metric labels): distinct, lower case, and found again by name.
+    #[test]
+    fn every_limit_has_its_own_name() {
+        let mut seen = std::collections::HashSet::new();
+        for (i, limit) in Limit::ALL.into_iter().enumerate() {
+            assert_eq!(limit as usize, i, "{limit:?}");
+            let name = limit.name();
+            assert!(seen.insert(name), "{name} is used twice");
+            assert!(
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{name}"
+            );
+            assert_eq!(Limit::from_name(name), Some(limit));
+        }
+        assert_eq!(Limit::from_name("nope"), None);
+    }
+
+    /// Each limit is its own limiter, enforcing its own configured rate on a
+    /// key of its kind, and nothing else's.
+    #[test]
+    fn each_limit_enforces_its_own_rate() {
+        let account = AccountId::random();
+        let other = AccountId::random();
+        let key = |limit: Limit| match limit.key() {
+            KeyKind::ClientIp => Key::from(ip("192.0.2.7")),
+            KeyKind::Account => Key::from(account),
+            KeyKind::AccountPair => Key::from((account, other)),
+        };
+        for (n, limit) in (1u32..).zip(Limit::ALL) {
+            let mut config = Config::default();
+            config.limits[limit] = Rate::new(n, HOUR);
+            let limits = Limiters::new(&config, Metrics::new());
+            for i in 0..n {
+                assert!(limits.check(limit, key(limit)).is_ok(), "{limit:?} #{i}");
+            }
+            assert!(limits.check(limit, key(limit)).is_err(), "{limit:?}");
+            for other_limit in Limit::ALL.into_iter().filter(|&l| l != limit) {
+                assert!(
+                    limits.check(other_limit, key(other_limit)).is_ok(),
+                    "{limit:?} spent {other_limit:?}"
+                );
+            }
+            assert!(limits.evict_replenished() <= Limit::COUNT);
+        }
+    }
+
+    /// The defaults of the table (README.md and `dist/courier.toml` show them).
+    #[test]
+    fn default_rates_are_the_documented_ones() {
+        let shown: Vec<String> = Limit::ALL
+            .map(|limit| format!("{} = {}", limit.name(), limit.default_rate()))
+            .into();
+        assert_eq!(
+            shown,
+            [
+                "register_per_ip = 20/h",
+                "link_per_ip = 20/h",
+                "auth_failures_per_ip = 100/min",
+                "sends_per_account = 6000/min",
+                "bundle_fetch_per_account = 600/min",
+                "bundle_fetch_per_pair = 60/h",
+                "provisioning_per_account = 20/h",
+            ]
+        );
+    }
+}
