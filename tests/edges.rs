@@ -28,18 +28,6 @@ const MIB: usize = 1024 * 1024;
 
 // ---- helpers ----
 
-/// RFC 3986 percent-encoding of everything but unreserved characters.
-fn percent(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// A WebSocket upgrade done by hand on a blocking socket whose receive
 /// buffer is `rcvbuf` bytes (set before connecting, so the advertised window
 /// stays small). Reads exactly the `101` response head and nothing more.
@@ -247,6 +235,21 @@ fn seq_content(i: usize, len: usize) -> Vec<u8> {
     c
 }
 
+/// Registers A and B; A sends B `n` small copies (`seq:i;`) over WebSocket
+/// while B is offline. Returns both devices and the answers by send id.
+async fn queued_for_offline(
+    server: &TestServer,
+    n: usize,
+) -> (TestDevice, TestDevice, BTreeMap<u64, Value>) {
+    let a = TestDevice::register(server).await;
+    let b = TestDevice::register(server).await;
+    let mut ws_a = connect_empty(&a).await;
+    pipeline(&mut ws_a, &b.uuid, b.target(), 0..n, |i| seq_content(i, 0)).await;
+    let answers = responses(&mut ws_a, n).await;
+    ws_a.close().await;
+    (a, b, answers)
+}
+
 // ---- 1. a peer that stops reading ----
 
 /// A device whose socket stops reading (a phone that lost its radio) holds
@@ -406,11 +409,7 @@ async fn stalled_reader_holds_nobody_and_is_replaced(backend: Backend) {
 async fn replay_pauses_at_1000_unacked_copies(backend: Backend) {
     const N: usize = 1_100;
     let server = TestServer::start(backend).await;
-    let a = TestDevice::register(&server).await;
-    let b = TestDevice::register(&server).await;
-    let mut ws_a = connect_empty(&a).await;
-    pipeline(&mut ws_a, &b.uuid, b.target(), 0..N, |i| seq_content(i, 0)).await;
-    let answers = responses(&mut ws_a, N).await;
+    let (_a, b, answers) = queued_for_offline(&server, N).await;
     for (id, r) in &answers {
         assert_eq!(r["status"], 200, "send {id}: {r}");
         assert_eq!(
@@ -1213,11 +1212,7 @@ async fn an_unreadable_row_does_not_end_the_replay_early(backend: Backend) {
 
     const N: usize = 100;
     let server = TestServer::start(backend).await;
-    let a = TestDevice::register(&server).await;
-    let b = TestDevice::register(&server).await;
-    let mut ws_a = connect_empty(&a).await;
-    pipeline(&mut ws_a, &b.uuid, b.target(), 0..N, |i| seq_content(i, 0)).await;
-    let answers = responses(&mut ws_a, N).await;
+    let (_a, b, answers) = queued_for_offline(&server, N).await;
     let guid_of = |id: u64| {
         answers[&id]["body"]["results"][0]["guid"]
             .as_str()

@@ -644,18 +644,6 @@ async fn oversize_content_over_ws_is_413_response(backend: Backend) {
 
 // ---- authentication of the upgrade ----
 
-/// RFC 3986 percent-encoding of everything but unreserved characters.
-fn percent(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 async fn connect_query(
     server: &TestServer,
     login: &str,

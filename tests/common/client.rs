@@ -338,3 +338,15 @@ impl Ws {
         let _ = self.stream.close(None).await;
     }
 }
+
+/// RFC 3986 percent-encoding of everything but unreserved characters.
+pub fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
