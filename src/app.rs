@@ -18,12 +18,12 @@ use crate::actors::keys::KeysActor;
 use crate::actors::mailbox::quota::Quota;
 use crate::actors::mailbox::MailboxWriter;
 use crate::actors::router::{Drain, Router};
-use crate::service::sweeper::Sweeper;
 use crate::config::Config;
 use crate::limits::Limiters;
 use crate::metrics::Metrics;
 use crate::service::credentials::Credentials;
 use crate::service::directory::Directory;
+use crate::service::sweeper::Sweeper;
 use crate::state::{AppState, State};
 use crate::{http, store, systemd};
 

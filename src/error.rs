@@ -109,6 +109,76 @@ impl ApiError {
     }
 }
 
+// The OpenAPI document's `ErrorBody`: what `ApiError::body` writes, for the
+// schema only (never built). `tests/openapi.rs` checks the two agree.
+/// The body of every error answer, over HTTP and in WebSocket `response` frames.
+#[derive(utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct ErrorBody {
+    #[schema(schema_with = error_code_schema)]
+    error: String,
+    /// Text for humans; it may change.
+    message: String,
+    /// `409 mismatched_devices`: current devices the send has no copy for.
+    #[schema(required = false)]
+    missing_devices: Vec<u32>,
+    /// `409 mismatched_devices`: addressed devices the account does not have.
+    #[schema(required = false)]
+    extra_devices: Vec<u32>,
+    /// `410 stale_devices`: devices whose registration id has changed.
+    #[schema(required = false)]
+    stale_devices: Vec<u32>,
+    /// `429 rate_limited`: seconds until a retry can succeed (also `Retry-After`).
+    #[schema(required = false)]
+    retry_after: u64,
+}
+
+/// `error` is one of the codes [`ApiError::code`] gives.
+fn error_code_schema() -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    use ApiError::*;
+    let every = [
+        BadRequest(String::new()),
+        Unauthorized,
+        Forbidden(""),
+        NotFound(""),
+        IdentityKeyMismatch,
+        MismatchedDevices {
+            missing: Vec::new(),
+            extra: Vec::new(),
+        },
+        StaleDevices { stale: Vec::new() },
+        TooLarge(String::new()),
+        InvalidKey(KeyError::Signature {
+            field: String::new(),
+        }),
+        Conflict(""),
+        RateLimited {
+            retry_after_secs: 0,
+        },
+        MailboxFull,
+        Unavailable,
+        Internal,
+    ];
+    // Exhaustive on purpose: a new variant breaks this match until it is listed
+    // above too (tests/openapi.rs also counts the codes).
+    for e in &every {
+        match e {
+            BadRequest(_) | Unauthorized | Forbidden(_) | NotFound(_) | IdentityKeyMismatch => {}
+            MismatchedDevices { .. } | StaleDevices { .. } | TooLarge(_) | InvalidKey(_) => {}
+            Conflict(_) | RateLimited { .. } | MailboxFull | Unavailable | Internal => {}
+        }
+    }
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(every.iter().map(ApiError::code)))
+        .description(Some(
+            "Stable error code: program against it and the status.",
+        ))
+        .build()
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         self.status()

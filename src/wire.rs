@@ -1,41 +1,64 @@
 //! JSON bodies and WebSocket frames exactly as the SPEC spells them
 //! (camelCase, binary values in standard base64). Parsing only: the rules
 //! live in `domain/` and `service/`.
+//!
+//! The HTTP bodies derive `ToSchema` for `GET /v1/openapi.json`. Their
+//! `#[schema(...)]` bounds restate the rules of `domain/` (utoipa takes only
+//! literals there); `tests/openapi.rs` checks them against the constants.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::domain::envelope::Envelope;
 
 // ---- accounts and devices ----
 
-#[derive(Debug, Deserialize)]
+/// `POST /v1/accounts`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterRequest {
+    /// The device's secret: 16 to 256 bytes of printable ASCII (`0x20`–`0x7e`).
+    #[schema(min_length = 16, max_length = 256, pattern = "^[ -~]{16,256}$")]
     pub password: String,
+    /// The device's Signal registration id.
+    #[schema(minimum = 1, maximum = 16380)]
     pub registration_id: i64,
+    /// Required when the server sets `registration_token`; ignored otherwise.
     #[serde(default)]
     pub registration_token: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /v1/devices`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LinkRequest {
+    /// The linking code from `POST /v1/devices/provisioning`.
     pub code: String,
+    /// The new device's secret: 16 to 256 bytes of printable ASCII.
+    #[schema(min_length = 16, max_length = 256, pattern = "^[ -~]{16,256}$")]
     pub password: String,
+    /// The new device's Signal registration id.
+    #[schema(minimum = 1, maximum = 16380)]
     pub registration_id: i64,
 }
 
-#[derive(Debug, Serialize)]
+/// A device that was just registered or linked.
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegisteredDevice {
+    /// The account.
+    #[schema(format = Uuid)]
     pub uuid: String,
+    /// The device within the account (`1` for the account's first device).
+    #[schema(value_type = i64, minimum = 1, maximum = 4294967295_u32)]
     pub device_id: u32,
 }
 
-#[derive(Debug, Serialize)]
+/// A single-use code that links one new device to the account.
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProvisioningCode {
     pub code: String,
@@ -43,69 +66,108 @@ pub struct ProvisioningCode {
     pub expires_at: i64,
 }
 
-#[derive(Debug, Serialize)]
+/// One device of the caller's account.
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceInfo {
+    #[schema(value_type = i64, minimum = 1, maximum = 4294967295_u32)]
     pub device_id: u32,
+    #[schema(minimum = 1, maximum = 16380)]
     pub registration_id: i32,
+    /// Milliseconds since the epoch.
     pub created_at: i64,
+    /// Milliseconds since the epoch (refreshed at most hourly).
     pub last_seen_at: i64,
 }
 
 // ---- keys ----
 
-#[derive(Debug, Deserialize)]
+/// `PUT /v1/keys`: every field but `identityKey` may be left out.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyUpload {
+    /// The account's identity key: 33 bytes (`0x05` and a Curve25519 point), base64.
+    #[schema(pattern = "^[A-Za-z0-9+/]{44}$")]
     pub identity_key: String,
+    /// Curve25519 signed prekey (required on a device's first upload).
     #[serde(default)]
     pub signed_pre_key: Option<SignedPreKey>,
+    /// Curve25519 one-time prekeys.
     #[serde(default)]
+    #[schema(max_items = 100)]
     pub pre_keys: Option<Vec<PreKey>>,
+    /// The Kyber1024 last-resort key.
     #[serde(default)]
     pub pq_last_resort_pre_key: Option<SignedPreKey>,
+    /// Signed Kyber1024 one-time prekeys.
     #[serde(default)]
+    #[schema(max_items = 100)]
     pub pq_pre_keys: Option<Vec<SignedPreKey>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A key signed by the identity key: Curve25519 (33 bytes) or Kyber1024 (1569 bytes).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SignedPreKey {
+    #[schema(value_type = i64, minimum = 0, maximum = 4294967295_u32)]
     pub key_id: u32,
+    /// Standard base64 with padding.
+    #[schema(
+        max_length = 2100,
+        pattern = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$"
+    )]
     pub public_key: String,
+    /// 64-byte XEdDSA signature, standard base64 with padding.
+    #[schema(pattern = "^[A-Za-z0-9+/]{85}[AQgw]==$")]
     pub signature: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A Curve25519 one-time prekey (33 bytes).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PreKey {
+    #[schema(value_type = i64, minimum = 0, maximum = 4294967295_u32)]
     pub key_id: u32,
+    /// Standard base64.
+    #[schema(pattern = "^[A-Za-z0-9+/]{44}$")]
     pub public_key: String,
 }
 
-#[derive(Debug, Serialize)]
+/// One-time keys the calling device has left.
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyCount {
+    /// Curve25519 one-time prekeys.
+    #[schema(minimum = 0)]
     pub count: i64,
+    /// Kyber one-time prekeys.
+    #[schema(minimum = 0)]
     pub pq_count: i64,
 }
 
-#[derive(Debug, Serialize)]
+/// A prekey bundle: the identity key and, per device, the keys to start a session.
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BundleResponse {
     pub identity_key: String,
     pub devices: Vec<BundleDevice>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BundleDevice {
+    #[schema(value_type = i64, minimum = 1, maximum = 4294967295_u32)]
     pub device_id: u32,
+    #[schema(minimum = 1, maximum = 16380)]
     pub registration_id: i32,
     pub signed_pre_key: SignedPreKey,
+    /// A one-time prekey, while the device has any left.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub pre_key: Option<PreKey>,
+    /// A one-time Kyber key while any are left, then the last-resort key.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub pq_pre_key: Option<SignedPreKey>,
 }
 
@@ -115,26 +177,43 @@ pub fn b64(bytes: &[u8]) -> String {
 
 // ---- messages ----
 
-#[derive(Debug, Deserialize)]
+/// `PUT /v1/messages/{uuid}`: one copy per current device of the destination
+/// (without the sender's own device when sending to one's own account).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SendRequest {
+    /// The sender's timestamp, milliseconds since the epoch.
+    #[schema(minimum = 0)]
     pub timestamp: i64,
+    /// `true`: ephemeral, pushed to connected devices only, never stored.
     #[serde(default)]
     pub online: Option<bool>,
+    /// At most one copy per device.
+    #[schema(max_items = 1000)]
     pub messages: Vec<OutgoingMessage>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutgoingMessage {
+    #[schema(value_type = i64, minimum = 1, maximum = 4294967295_u32)]
     pub destination_device_id: u32,
+    #[schema(minimum = 1, maximum = 16380)]
     pub destination_registration_id: i64,
+    /// The Signal envelope type, passed through.
     #[serde(rename = "type")]
+    #[schema(minimum = -2147483648, maximum = 2147483647)]
     pub msg_type: i64,
+    /// The ciphertext: 1 byte to 256 KiB, standard base64 with padding.
+    #[schema(
+        min_length = 4,
+        max_length = 349528,
+        pattern = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$"
+    )]
     pub content: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeliveryStatus {
     /// Acknowledged by the device over its live connection.
@@ -145,30 +224,41 @@ pub enum DeliveryStatus {
     Dropped,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SendResult {
+    #[schema(value_type = i64, minimum = 1, maximum = 4294967295_u32)]
     pub device_id: u32,
+    /// The copy's id, which its device acknowledges.
+    #[schema(format = Uuid)]
     pub guid: String,
     pub status: DeliveryStatus,
 }
 
-#[derive(Debug, Serialize)]
+/// One result per copy, once each is acknowledged live or committed.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct SendResponse {
     pub results: Vec<SendResult>,
 }
 
 /// An envelope as a device receives it, over WebSocket or `GET /v1/messages`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvelopeJson {
+    #[schema(format = Uuid)]
     pub guid: String,
+    /// The sending account.
+    #[schema(format = Uuid)]
     pub source: String,
+    #[schema(value_type = i64, minimum = 1, maximum = 4294967295_u32)]
     pub source_device: u32,
     #[serde(rename = "type")]
     pub msg_type: i32,
+    /// The sender's timestamp.
     pub timestamp: i64,
+    /// When the server accepted the send.
     pub server_timestamp: i64,
+    /// The ciphertext, standard base64.
     pub content: String,
 }
 
@@ -186,9 +276,11 @@ impl From<&Envelope> for EnvelopeJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// The oldest page (at most 100) of the device's mailbox.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct MessageList {
     pub messages: Vec<EnvelopeJson>,
+    /// Whether more copies wait after this page.
     pub more: bool,
 }
 

@@ -3,14 +3,30 @@
 use actix_web::{web, HttpResponse};
 
 use super::auth::{Authenticated, ClientIp};
-use crate::error::ApiError;
+use super::openapi::{Internal, RateLimited, Unauthorized};
+use crate::error::{ApiError, ErrorBody};
 use crate::service::accounts;
 use crate::state::State;
-use crate::wire::RegisterRequest;
+use crate::wire::{RegisterRequest, RegisteredDevice};
 
-/// # `POST /v1/accounts`
-/// `201 {uuid, deviceId}`; 400 bad password or registrationId; 403 missing or
-/// wrong registrationToken; 429 per-IP limit.
+/// Register an account
+///
+/// Creates an account with its first (primary) device, `1`. The password is
+/// that device's secret.
+#[utoipa::path(
+    post,
+    path = "/v1/accounts",
+    tag = "accounts",
+    request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "The account and its primary device", body = RegisteredDevice),
+        (status = 400, description = "Malformed body, bad password or registrationId", body = ErrorBody),
+        (status = 403, description = "Missing or wrong registrationToken (when the server requires one)", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn register(
     state: State,
     ip: ClientIp,
@@ -20,8 +36,23 @@ pub async fn register(
     Ok(HttpResponse::Created().json(created))
 }
 
-/// # `DELETE /v1/accounts/me`
-/// `204`; 403 unless the primary device.
+/// Delete the account
+///
+/// Removes the account with all its devices, keys and mailboxes, and closes
+/// their connections. Primary device only.
+#[utoipa::path(
+    delete,
+    path = "/v1/accounts/me",
+    tag = "accounts",
+    security(("basic" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "Not the primary device", body = ErrorBody),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn delete_account(state: State, auth: Authenticated) -> Result<HttpResponse, ApiError> {
     accounts::delete_account(&state, auth.0).await?;
     Ok(HttpResponse::NoContent().finish())

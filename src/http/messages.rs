@@ -3,15 +3,38 @@
 use actix_web::{web, HttpResponse};
 
 use super::auth::Authenticated;
-use crate::error::ApiError;
+use super::openapi::{Internal, RateLimited, Unauthorized};
+use crate::error::{ApiError, ErrorBody};
 use crate::service::messaging;
 use crate::state::State;
-use crate::wire::SendRequest;
+use crate::wire::{MessageList, SendRequest, SendResponse};
 
-/// # `PUT /v1/messages/{uuid}`
-/// `200 {results}` once every copy is acknowledged live or committed; 400
-/// malformed; 404 unknown account; 409 `{missingDevices, extraDevices}`; 410
-/// `{staleDevices}`; 413 copy over 256 KiB; 429; 507 mailbox full.
+/// Send a message
+///
+/// One ciphertext per current device of the destination account. Answered
+/// once every copy is acknowledged live or committed to its mailbox; a send
+/// refused with any error delivered nothing.
+#[utoipa::path(
+    put,
+    path = "/v1/messages/{uuid}",
+    tag = "messages",
+    security(("basic" = [])),
+    params(("uuid" = String, Path, format = Uuid, description = "The destination account")),
+    request_body = SendRequest,
+    responses(
+        (status = 200, description = "Every copy's outcome", body = SendResponse),
+        (status = 400, description = "Malformed body or destination, empty or non-base64 content, a device addressed twice", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "No such account", body = ErrorBody),
+        (status = 409, description = "The device set is not current: `missingDevices`, `extraDevices` (mismatched_devices)", body = ErrorBody),
+        (status = 410, description = "Devices re-registered: `staleDevices` (stale_devices)", body = ErrorBody),
+        (status = 413, description = "A copy over 256 KiB, or a body over 8 MiB", body = ErrorBody),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, description = "The server is draining, or too busy to reserve mailbox room", body = ErrorBody),
+        (status = 507, description = "A destination mailbox is full (mailbox_full)", body = ErrorBody),
+    )
+)]
 pub async fn send_messages(
     state: State,
     auth: Authenticated,
@@ -22,14 +45,44 @@ pub async fn send_messages(
     Ok(HttpResponse::Ok().json(answer))
 }
 
-/// # `GET /v1/messages`
-/// `{messages, more}`, oldest first.
+/// Fetch queued messages
+///
+/// The oldest page of the calling device's mailbox, oldest first. Copies stay
+/// until acknowledged.
+#[utoipa::path(
+    get,
+    path = "/v1/messages",
+    tag = "messages",
+    security(("basic" = [])),
+    responses(
+        (status = 200, description = "A page of envelopes", body = MessageList),
+        (status = 401, response = Unauthorized),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn get_messages(state: State, auth: Authenticated) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(messaging::fetch(&state, auth.0).await?))
 }
 
-/// # `DELETE /v1/messages/{guid}`
-/// `204`; 404 not in this device's mailbox.
+/// Acknowledge a message
+///
+/// Deletes a copy from the calling device's mailbox, or acknowledges one
+/// pushed live and not yet acknowledged (its sender is answered `delivered`).
+#[utoipa::path(
+    delete,
+    path = "/v1/messages/{uuid}",
+    tag = "messages",
+    security(("basic" = [])),
+    params(("uuid" = String, Path, format = Uuid, description = "The copy's `guid`")),
+    responses(
+        (status = 204, description = "Acknowledged"),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "Not a copy held for this device", body = ErrorBody),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+    )
+)]
 pub async fn ack_message(
     state: State,
     auth: Authenticated,

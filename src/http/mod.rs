@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, Method};
 use actix_web::middleware::Next;
-use actix_web::{error, web, HttpRequest, HttpResponse};
+use actix_web::{error, web, HttpRequest, HttpResponse, Resource, Route};
 
 use crate::error::ApiError;
 use crate::state::State;
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod devices;
 pub mod keys;
 pub mod messages;
+pub mod openapi;
 pub mod ops;
 pub mod websocket;
 
@@ -27,47 +29,98 @@ const KEYS_JSON_LIMIT: usize = 1024 * 1024;
 const MESSAGES_JSON_LIMIT: usize = crate::wire::MAX_SEND_BYTES;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    use Method as M;
     cfg.app_data(json_config(JSON_LIMIT))
         .app_data(
             web::PathConfig::default()
                 .error_handler(|e, _| ApiError::bad_request(format!("bad path: {e}")).into()),
         )
-        .route("/healthz", web::get().to(ops::healthz))
-        .route("/readyz", web::get().to(ops::readyz))
-        .route("/metrics", web::get().to(ops::metrics))
-        .route("/v1/accounts", web::post().to(accounts::register))
-        .route(
+        .service(resource("/healthz", [(M::GET, web::to(ops::healthz))]))
+        .service(resource("/readyz", [(M::GET, web::to(ops::readyz))]))
+        .service(resource("/metrics", [(M::GET, web::to(ops::metrics))]))
+        .service(resource(
+            "/v1/accounts",
+            [(M::POST, web::to(accounts::register))],
+        ))
+        .service(resource(
             "/v1/accounts/me",
-            web::delete().to(accounts::delete_account),
-        )
-        .route(
+            [(M::DELETE, web::to(accounts::delete_account))],
+        ))
+        .service(resource(
             "/v1/devices/provisioning",
-            web::post().to(devices::create_provisioning_code),
-        )
-        .route("/v1/devices", web::post().to(devices::link_device))
-        .route("/v1/devices", web::get().to(devices::list_devices))
-        .route(
+            [(M::POST, web::to(devices::create_provisioning_code))],
+        ))
+        .service(resource(
+            "/v1/devices",
+            [
+                (M::POST, web::to(devices::link_device)),
+                (M::GET, web::to(devices::list_devices)),
+            ],
+        ))
+        .service(resource(
             "/v1/devices/{device_id}",
-            web::delete().to(devices::delete_device),
-        )
+            [(M::DELETE, web::to(devices::delete_device))],
+        ))
         .service(
-            web::resource("/v1/keys")
-                .app_data(json_config(KEYS_JSON_LIMIT))
-                .route(web::put().to(keys::put_keys)),
+            resource("/v1/keys", [(M::PUT, web::to(keys::put_keys))])
+                .app_data(json_config(KEYS_JSON_LIMIT)),
         )
-        .route("/v1/keys/count", web::get().to(keys::get_key_count))
-        .route(
+        .service(resource(
+            "/v1/keys/count",
+            [(M::GET, web::to(keys::get_key_count))],
+        ))
+        .service(resource(
             "/v1/keys/{uuid}/{device_id}",
-            web::get().to(keys::get_bundle),
-        )
+            [(M::GET, web::to(keys::get_bundle))],
+        ))
         .service(
-            web::resource("/v1/messages/{uuid}")
-                .app_data(json_config(MESSAGES_JSON_LIMIT))
-                .route(web::put().to(messages::send_messages))
-                .route(web::delete().to(messages::ack_message)),
+            resource(
+                "/v1/messages/{uuid}",
+                [
+                    (M::PUT, web::to(messages::send_messages)),
+                    (M::DELETE, web::to(messages::ack_message)),
+                ],
+            )
+            .app_data(json_config(MESSAGES_JSON_LIMIT)),
         )
-        .route("/v1/messages", web::get().to(messages::get_messages))
-        .route("/v1/websocket", web::get().to(websocket::connect));
+        .service(resource(
+            "/v1/messages",
+            [(M::GET, web::to(messages::get_messages))],
+        ))
+        .service(resource(
+            "/v1/websocket",
+            [(M::GET, web::to(websocket::connect))],
+        ))
+        .service(resource(
+            "/v1/openapi.json",
+            [(M::GET, web::to(openapi::openapi_json))],
+        ));
+}
+
+/// `path` served by `routes`; any other method is answered `405` with the
+/// `Allow` header listing the methods it does serve (RFC 9110 §15.5.6).
+fn resource<const N: usize>(path: &str, routes: [(Method, Route); N]) -> Resource {
+    let allow = routes
+        .iter()
+        .map(|(method, _)| method.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let resource = routes
+        .into_iter()
+        .fold(web::resource(path), |resource, (method, route)| {
+            resource.route(route.method(method))
+        });
+    resource.default_service(web::to(move || {
+        let allow = allow.clone();
+        async move {
+            HttpResponse::MethodNotAllowed()
+                .insert_header((header::ALLOW, allow.as_str()))
+                .json(serde_json::json!({
+                    "error": "method_not_allowed",
+                    "message": format!("this path serves {allow} only"),
+                }))
+        }
+    }))
 }
 
 /// JSON bodies: a size limit, and every failure as the SPEC's error body
@@ -93,7 +146,8 @@ fn json_config(limit: usize) -> web::JsonConfig {
         })
 }
 
-/// Unknown paths and methods: the SPEC's error body, not an empty 404.
+/// Unknown paths: the SPEC's error body, not an empty 404. (A known path
+/// with a method it does not serve is `405`: see [`resource`].)
 pub async fn not_found() -> HttpResponse {
     actix_web::ResponseError::error_response(&ApiError::NotFound("no such endpoint"))
 }

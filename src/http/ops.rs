@@ -1,17 +1,46 @@
 //! `/healthz`, `/readyz`, `/metrics`: unauthenticated, for the operator.
 
 use actix_web::HttpResponse;
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::state::State;
 use crate::store;
 
-/// # `GET /healthz` — the process is alive.
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+/// `{"status": …}` of `/healthz` and `/readyz`.
+#[derive(Serialize, ToSchema)]
+pub struct Status {
+    /// `ok` (`/healthz`) or `ready` (`/readyz`).
+    #[schema(value_type = String, example = "ok")]
+    pub status: &'static str,
 }
 
-/// # `GET /readyz` — the database answers; 503 while draining or when it does not.
+/// Liveness
+///
+/// The process is alive.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "ops",
+    responses((status = 200, description = "Alive: `{\"status\": \"ok\"}`", body = Status))
+)]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Status { status: "ok" })
+}
+
+/// Readiness
+///
+/// The database answers and the server is not draining.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Ready: `{\"status\": \"ready\"}`", body = Status),
+        (status = 503, description = "Draining, or the database does not answer", body = ErrorBody),
+    )
+)]
 pub async fn readyz(state: State) -> HttpResponse {
     if state.is_draining() {
         return actix_web::ResponseError::error_response(&ApiError::Unavailable);
@@ -22,13 +51,24 @@ pub async fn readyz(state: State) -> HttpResponse {
     })
     .await;
     match ping {
-        Ok(()) => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
+        Ok(()) => HttpResponse::Ok().json(Status { status: "ready" }),
         Err(_) => HttpResponse::ServiceUnavailable()
             .json(serde_json::json!({"error": "unavailable", "message": "database unreachable"})),
     }
 }
 
-/// # `GET /metrics` — Prometheus text format.
+/// Prometheus metrics
+///
+/// Every metric in the Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", body = String,
+            content_type = "text/plain"),
+    )
+)]
 pub async fn metrics(state: State) -> HttpResponse {
     if let Ok(depth) = store::blocking(&state.pool, |conn| {
         store::mailbox::total(conn).map_err(ApiError::from)

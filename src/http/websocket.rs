@@ -4,11 +4,41 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::auth::Authenticated;
-use crate::error::ApiError;
+use super::openapi::{Internal, RateLimited, Unauthorized};
+use crate::error::{ApiError, ErrorBody};
 use crate::state::State;
 
-/// # `GET /v1/websocket`
-/// `101` upgrade; 401 bad credentials; 503 while draining.
+/// Open the device's WebSocket
+///
+/// An RFC 6455 upgrade. The session's JSON frames (live messages, sends,
+/// acks), its close codes and the delivery guarantee are in
+/// `docs/protocol.md`. Browsers, which cannot set headers on a WebSocket, may
+/// authenticate with the `login` and `password` query parameters instead
+/// (upgrade requests only; values are percent-decoded, `+` stays `+`).
+#[utoipa::path(
+    get,
+    path = "/v1/websocket",
+    tag = "websocket",
+    security(("basic" = [])),
+    params(
+        ("Upgrade" = String, Header, pattern = "^websocket$"),
+        ("Connection" = String, Header, pattern = "[Uu]pgrade", description = "Must include `Upgrade`"),
+        ("Sec-WebSocket-Version" = String, Header, pattern = "^13$"),
+        ("Sec-WebSocket-Key" = String, Header, pattern = "^[A-Za-z0-9+/]{21}[AQgw]==$",
+            description = "16 random bytes, base64"),
+        ("login" = Option<String>, Query, description = "`UUID.DEVICE`, instead of Basic auth"),
+        ("password" = Option<String>, Query, description = "The device's secret, with `login`"),
+    ),
+    responses(
+        (status = 101, description = "Switching Protocols: the session runs until either side closes"),
+        (status = 400, description = "Not a valid WebSocket handshake (empty body)"),
+        (status = 401, response = Unauthorized),
+        (status = 426, description = "Unsupported WebSocket version (empty body; `Sec-WebSocket-Version: 13`)"),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, description = "The server is draining", body = ErrorBody),
+    )
+)]
 pub async fn connect(
     req: HttpRequest,
     payload: web::Payload,
