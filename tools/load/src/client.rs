@@ -14,8 +14,10 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use futures_util::{FutureExt as _, SinkExt, StreamExt};
 use serde::Deserialize;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -180,6 +182,156 @@ pub async fn connect(
         .await
         .context("WebSocket handshake")?;
     Ok(ws)
+}
+
+/// Opens `GET /v1/websocket?login=…&password=…` by hand on a socket whose
+/// receive buffer is `rcvbuf` bytes (`SO_RCVBUF`, set before connecting so
+/// the window the peer sees is small from the first segment), and reads the
+/// answer's head byte by byte, so that nothing after the `101` is consumed:
+/// what the server sends next stays in the kernel buffer, which fills at
+/// once. For a peer that stops reading.
+pub async fn connect_stalled(
+    addr: SocketAddr,
+    device: &Device,
+    rcvbuf: u32,
+) -> anyhow::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .context("socket")?;
+    socket.set_recv_buffer_size(rcvbuf).context("SO_RCVBUF")?;
+    let mut stream = socket
+        .connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    stream.set_nodelay(true).context("TCP_NODELAY")?;
+    let key = B64.encode(rand::random::<[u8; 16]>());
+    let request = format!(
+        "GET /v1/websocket?login={}&password={} HTTP/1.1\r\n\
+         Host: {addr}\r\n\
+         Upgrade: websocket\r\n\
+         Connection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n",
+        percent_encode(&device.login()),
+        percent_encode(&device.password),
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .context("write the upgrade request")?;
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= 8192 {
+            bail!("the upgrade answer's head is over 8 KiB");
+        }
+        head.push(stream.read_u8().await.context("read the upgrade answer")?);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status_line = head.lines().next().unwrap_or_default();
+    if status_line.split_whitespace().nth(1) != Some("101") {
+        bail!("the upgrade was answered {status_line:?}");
+    }
+    let accept = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("sec-websocket-accept")
+            .then(|| value.trim().to_owned())
+    });
+    if accept.as_deref() != Some(derive_accept_key(key.as_bytes()).as_str()) {
+        bail!("the upgrade answer's Sec-WebSocket-Accept is wrong: {accept:?}");
+    }
+    Ok(stream)
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn percent_encode(s: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// How `PUT /v1/messages/{uuid}` was answered.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    pub status: u16,
+    /// For a 200: the copy's `status` (`queued`, `delivered`, …).
+    pub delivery: Option<String>,
+    /// For a 200: the copy's guid.
+    pub guid: Option<String>,
+    /// For anything else: the body.
+    pub error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct HttpResults {
+    results: Vec<HttpResult>,
+}
+
+#[derive(Deserialize)]
+struct HttpResult {
+    guid: String,
+    status: String,
+}
+
+/// `PUT /v1/messages/{to}` from `from`: one copy, for device 1 of `to`.
+pub async fn send_http(
+    http: &reqwest::Client,
+    base: &str,
+    from: &Device,
+    to: &Device,
+    content_b64: &str,
+) -> anyhow::Result<HttpAnswer> {
+    let body = format!(
+        concat!(
+            r#"{{"timestamp":{},"messages":[{{"destinationDeviceId":1,"#,
+            r#""destinationRegistrationId":{},"type":1,"content":"{}"}}]}}"#
+        ),
+        epoch_ms(),
+        to.registration_id,
+        content_b64
+    );
+    let res = http
+        .put(format!("{base}/v1/messages/{}", to.uuid))
+        .header("Authorization", from.basic_auth())
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .context("PUT /v1/messages")?;
+    let status = res.status().as_u16();
+    let text = res.text().await.context("PUT /v1/messages: body")?;
+    if status != 200 {
+        return Ok(HttpAnswer {
+            status,
+            delivery: None,
+            guid: None,
+            error: Some(text),
+        });
+    }
+    let first = serde_json::from_str::<HttpResults>(&text)
+        .ok()
+        .and_then(|r| r.results.into_iter().next());
+    Ok(HttpAnswer {
+        status,
+        delivery: first.as_ref().map(|r| r.status.clone()),
+        guid: first.map(|r| r.guid),
+        error: None,
+    })
+}
+
+/// Bytes that `b64` (standard, padded) decodes to, without decoding it.
+pub fn decoded_len(b64: &str) -> usize {
+    let pad = b64.bytes().rev().take(2).filter(|&b| b == b'=').count();
+    (b64.len() / 4 * 3).saturating_sub(pad)
 }
 
 /// A server frame, borrowing from the text it was parsed from. Only the
@@ -448,6 +600,14 @@ mod tests {
             assert_eq!(read_stamp(&content), Some(stamp));
         }
         assert_eq!(read_stamp("short"), None);
+    }
+
+    #[test]
+    fn decoded_length_without_decoding() {
+        for n in 0..10 {
+            assert_eq!(decoded_len(&B64.encode(vec![1u8; n])), n);
+        }
+        assert_eq!(percent_encode("a b/c.1~"), "a%20b%2Fc.1~");
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! — or `--database-url postgres://…`, which must name an EMPTY database
 //! the tool may fill — with rate limits off, and stops it with SIGTERM at
 //! the end. With `--server http://127.0.0.1:PORT` it drives that server
-//! (rate limits must be off there; `--server-pid` lets `connections` read
-//! its memory). Only 127.0.0.0/8 targets are accepted.
+//! (rate limits must be off there; `--server-pid` lets the scenarios that
+//! report server memory read it). Only 127.0.0.0/8 targets are accepted.
 //!
 //! Output: a progress line per second on stderr, a table per scenario on
 //! stdout, and a last line `RESULT {json}` with every figure. Exit status 0
@@ -25,7 +25,9 @@ mod server;
 mod smoke;
 mod soak;
 mod spill;
+mod stalled;
 mod stats;
+mod unacked;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,7 +50,8 @@ struct Cli {
     /// Drive this running courier (http://127.x.y.z:PORT) instead of starting one.
     #[arg(long, global = true, help_heading = "Server under test")]
     server: Option<String>,
-    /// The external server's pid, for its memory figures (`connections`).
+    /// The external server's pid, for its memory figures (`connections`, `soak`,
+    /// `stalled`, `unacked-replay`).
     #[arg(long, global = true, help_heading = "Server under test")]
     server_pid: Option<u32>,
     /// The courier binary to start [default: `courier` next to this executable].
@@ -99,6 +102,11 @@ enum Scenario {
     Bundles(bundles::BundlesArgs),
     /// Idle authenticated WebSockets: connect time and server RSS per connection.
     Connections(connections::ConnectionsArgs),
+    /// A receiver that stops reading: its senders still answered `queued`, a
+    /// new connection replaces it at once.
+    Stalled(stalled::StalledArgs),
+    /// A large mailbox read without acks: the replay pauses, server memory stays bounded.
+    UnackedReplay(unacked::UnackedArgs),
     /// The relay client against a bare in-process WebSocket relay (no courier).
     Ceiling {
         #[command(flatten)]
@@ -162,6 +170,8 @@ fn scenario_name(s: &Scenario) -> &'static str {
         Scenario::Flood(_) => "flood",
         Scenario::Bundles(_) => "bundles",
         Scenario::Connections(_) => "connections",
+        Scenario::Stalled(_) => "stalled",
+        Scenario::UnackedReplay(_) => "unacked-replay",
         Scenario::Ceiling { .. } => "ceiling",
         Scenario::Smoke { .. } => "smoke",
     }
@@ -206,6 +216,7 @@ async fn connect_or_start(cli: &Cli) -> anyhow::Result<Courier> {
     let (keys, messages) = match &cli.scenario {
         Scenario::Bundles(b) => (b.keys as u64, 0),
         Scenario::Spill(s) => (0, s.messages),
+        Scenario::UnackedReplay(u) => (0, u.messages),
         _ => (0, 0),
     };
     let mut env = Vec::new();
@@ -218,6 +229,13 @@ async fn connect_or_start(cli: &Cli) -> anyhow::Result<Courier> {
             format!("{}/s", f.send_limit),
         ));
         env.push(("COURIER_LIMIT_REGISTER_PER_IP".into(), "1000000/h".into()));
+    }
+    if let Scenario::Stalled(s) = &cli.scenario {
+        // Copies pushed to the stalled connection are stored after this.
+        env.push((
+            "COURIER_ACK_TIMEOUT_MS".into(),
+            s.ack_timeout_ms.to_string(),
+        ));
     }
     env.extend(cli.server_env.iter().cloned());
     let courier = Courier::start(StartOptions {
@@ -280,6 +298,23 @@ async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report
         Scenario::Flood(args) => vec![flood::run(courier, args, quiet).await?],
         Scenario::Bundles(args) => vec![bundles::run(&courier.base(), args, quiet).await?],
         Scenario::Connections(args) => vec![connections::run(courier, args, quiet).await?],
+        Scenario::Stalled(args) => {
+            // What the started server was given (a --server-env or the
+            // caller's environment may have set it otherwise).
+            let ack_timeout = match &cli.server {
+                Some(_) => None,
+                None => Some(
+                    cli.server_env
+                        .iter()
+                        .rev()
+                        .find(|(k, _)| k == "COURIER_ACK_TIMEOUT_MS")
+                        .and_then(|(_, v)| v.parse().ok())
+                        .unwrap_or(args.ack_timeout_ms),
+                ),
+            };
+            vec![stalled::run(courier, args, ack_timeout, quiet).await?]
+        }
+        Scenario::UnackedReplay(args) => vec![unacked::run(courier, args, quiet).await?],
         Scenario::Smoke { vectors } => smoke::run(courier, vectors.clone(), quiet).await,
         Scenario::Ceiling { .. } => unreachable!("handled without a courier"),
     })

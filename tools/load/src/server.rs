@@ -239,11 +239,38 @@ impl Courier {
 
     /// Resident set size of the server process in KiB (`VmRSS`), if known.
     pub fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid?)).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        rss_kib_of(self.pid?)
+    }
+
+    /// Samples the server's RSS every `every` until [`RssSampler::stop`];
+    /// `None` when its pid is unknown (external server without `--server-pid`).
+    pub fn rss_sampler(&self, every: Duration) -> Option<RssSampler> {
+        let pid = self.pid?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut peak = RssPeak::default();
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tick.tick() => {}
+                }
+                if let Some(kib) = rss_kib_of(pid) {
+                    peak.samples += 1;
+                    peak.max_kib = peak.max_kib.max(kib);
+                    peak.last_kib = kib;
+                }
+            }
+            // One last sample, so a short phase is never unmeasured.
+            if let Some(kib) = rss_kib_of(pid) {
+                peak.samples += 1;
+                peak.max_kib = peak.max_kib.max(kib);
+                peak.last_kib = kib;
+            }
+            peak
+        });
+        Some(RssSampler { stop, task })
     }
 
     /// Whether a self-started server has exited (crashed) already.
@@ -325,6 +352,38 @@ impl Drop for Courier {
             let _ = c.child.kill();
             let _ = c.child.wait();
         }
+    }
+}
+
+/// `VmRSS` of process `pid` in KiB, from `/proc/PID/status`.
+pub fn rss_kib_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// What an [`RssSampler`] saw.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RssPeak {
+    pub max_kib: u64,
+    pub last_kib: u64,
+    pub samples: u64,
+}
+
+/// A task sampling the server's RSS at a fixed interval (see
+/// [`Courier::rss_sampler`]).
+pub struct RssSampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<RssPeak>,
+}
+
+impl RssSampler {
+    /// Stops sampling; the peak and the last sample.
+    pub async fn stop(self) -> RssPeak {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_default()
     }
 }
 

@@ -1,7 +1,8 @@
 //! `smoke`: every courier scenario at a small size, in a few seconds, for
 //! CI. It asserts completion and correctness only (nothing lost or out of
 //! order, every spilled message drained, no one-time prekey handed out
-//! twice, every connection up, soak memory bounded); the figures are
+//! twice, every connection up, soak memory bounded, a stalled reader holding
+//! nobody up, an unacked replay staying within its bound); the figures are
 //! printed but not judged.
 
 use crate::bundles::{self, BundlesArgs};
@@ -10,7 +11,9 @@ use crate::relay::{self, RelayArgs, Target};
 use crate::server::Courier;
 use crate::soak::{self, SoakArgs};
 use crate::spill::{self, SpillArgs};
+use crate::stalled::{self, StalledArgs};
 use crate::stats::Report;
+use crate::unacked::{self, UnackedArgs};
 
 /// Runs the parts one after another against `server`; a part that cannot
 /// run at all becomes a failed report, and the others still run.
@@ -96,6 +99,49 @@ pub async fn run(server: &Courier, vectors: std::path::PathBuf, quiet: bool) -> 
         soak::run(server, &soak_args, quiet)
             .await
             .unwrap_or_else(|e| failed("soak", e)),
+    );
+
+    // The server keeps its default ack timeout (2 s): the sends are answered
+    // `queued` after it.
+    let stalled_args = StalledArgs {
+        messages: 8,
+        size: 150 * 1024,
+        rcvbuf: 4096,
+        ack_timeout_ms: 0, // not used: the server is already running
+        answer_limit_secs: 10.0,
+        queue_empty_limit_secs: 5.0,
+        waves: 1,
+        replace_after_ms: None,
+    };
+    reports.push(
+        stalled::run(server, &stalled_args, None, quiet)
+            .await
+            .unwrap_or_else(|e| failed("stalled", e)),
+    );
+    // The same, replaced while the stalled connection still holds the copies.
+    let early_args = StalledArgs {
+        replace_after_ms: Some(300),
+        ..stalled_args
+    };
+    let mut early = stalled::run(server, &early_args, None, quiet)
+        .await
+        .unwrap_or_else(|e| failed("stalled", e));
+    early.scenario = "stalled (replaced at 300 ms)".into();
+    reports.push(early);
+
+    // 16 KiB copies: the 1,000-copy bound is reached before the 16 MiB one.
+    let unacked_args = UnackedArgs {
+        messages: 1_200,
+        size: 16 * 1024,
+        read_secs: 1.0,
+        senders: 2,
+        in_flight: 32,
+        timeout_secs: 60.0,
+    };
+    reports.push(
+        unacked::run(server, &unacked_args, quiet)
+            .await
+            .unwrap_or_else(|e| failed("unacked-replay", e)),
     );
     reports
 }

@@ -58,21 +58,21 @@ pub struct SpillArgs {
 }
 
 /// A stamp's run number for spill traffic (relay runs count up from 1).
-const SPILL_RUN: u32 = 0x5350_494c;
+pub(crate) const SPILL_RUN: u32 = 0x5350_494c;
 
 /// Silence on a sender for this long ends it (the server stopped answering).
 const IDLE: Duration = Duration::from_secs(30);
 
-struct SenderOut {
+pub(crate) struct SenderOut {
     /// Global message indices answered `queued`.
-    queued: Vec<u64>,
-    delivered: u64,
-    other_ok: u64,
-    errors: BTreeMap<u16, u64>,
-    unanswered: u64,
-    latency: Latency,
-    last_answer: Option<Instant>,
-    error: Option<String>,
+    pub queued: Vec<u64>,
+    pub delivered: u64,
+    pub other_ok: u64,
+    pub errors: BTreeMap<u16, u64>,
+    pub unanswered: u64,
+    pub latency: Latency,
+    pub last_answer: Option<Instant>,
+    pub error: Option<String>,
 }
 
 pub async fn run(
@@ -244,9 +244,11 @@ pub async fn run(
 }
 
 /// One sender: messages `index, index + stride, …` below `total`, each to
-/// recipient `j % K`, at most `in_flight` unanswered.
+/// recipient `j % K`, at most `in_flight` unanswered. Progress counters:
+/// 0 sent, 1 queued, 2 anything else. (`unacked-replay` fills its mailbox
+/// with it too.)
 #[allow(clippy::too_many_arguments)]
-async fn send_all(
+pub(crate) async fn send_all(
     ws: Ws,
     index: u64,
     stride: u64,
