@@ -31,8 +31,9 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     InvalidKey(#[from] KeyError),
-    #[error("{0}")]
-    Conflict(&'static str),
+    /// The path exists but does not serve this method; `allow` lists those it does.
+    #[error("this path serves {allow} only")]
+    MethodNotAllowed { allow: String },
     #[error("too many requests")]
     RateLimited { retry_after_secs: u64 },
     #[error("the destination mailbox is full")]
@@ -54,9 +55,10 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::IdentityKeyMismatch
-            | ApiError::MismatchedDevices { .. }
-            | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::IdentityKeyMismatch | ApiError::MismatchedDevices { .. } => {
+                StatusCode::CONFLICT
+            }
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::StaleDevices { .. } => StatusCode::GONE,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidKey(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -79,7 +81,7 @@ impl ApiError {
             ApiError::StaleDevices { .. } => "stale_devices",
             ApiError::TooLarge(_) => "too_large",
             ApiError::InvalidKey(_) => "invalid_key",
-            ApiError::Conflict(_) => "conflict",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::MailboxFull => "mailbox_full",
             ApiError::Unavailable => "unavailable",
@@ -153,7 +155,9 @@ fn error_code_schema() -> utoipa::openapi::Object {
         InvalidKey(KeyError::Signature {
             field: String::new(),
         }),
-        Conflict(""),
+        MethodNotAllowed {
+            allow: String::new(),
+        },
         RateLimited {
             retry_after_secs: 0,
         },
@@ -167,7 +171,8 @@ fn error_code_schema() -> utoipa::openapi::Object {
         match e {
             BadRequest(_) | Unauthorized | Forbidden(_) | NotFound(_) | IdentityKeyMismatch => {}
             MismatchedDevices { .. } | StaleDevices { .. } | TooLarge(_) | InvalidKey(_) => {}
-            Conflict(_) | RateLimited { .. } | MailboxFull | Unavailable | Internal => {}
+            MethodNotAllowed { .. } | RateLimited { .. } | MailboxFull | Unavailable | Internal => {
+            }
         }
     }
     ObjectBuilder::new()
@@ -188,6 +193,9 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status());
         if let ApiError::RateLimited { retry_after_secs } = self {
             response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+        }
+        if let ApiError::MethodNotAllowed { allow } = self {
+            response.insert_header((header::ALLOW, allow.as_str()));
         }
         if let ApiError::Unauthorized = self {
             response.insert_header((header::WWW_AUTHENTICATE, "Basic realm=\"courier\""));

@@ -254,7 +254,9 @@ async fn error_body_schema_matches_the_bodies_errors_have() {
         ApiError::StaleDevices { stale: vec![3] },
         ApiError::TooLarge("x".into()),
         ApiError::InvalidKey(KeyError::Base64 { field: "x".into() }),
-        ApiError::Conflict("x"),
+        ApiError::MethodNotAllowed {
+            allow: "GET".into(),
+        },
         ApiError::RateLimited {
             retry_after_secs: 5,
         },

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::{header, Method};
+use actix_web::http::Method;
 use actix_web::middleware::Next;
 use actix_web::{error, web, HttpRequest, HttpResponse, Resource, Route};
 
@@ -112,14 +112,7 @@ fn resource<const N: usize>(path: &str, routes: [(Method, Route); N]) -> Resourc
         });
     resource.default_service(web::to(move || {
         let allow = allow.clone();
-        async move {
-            HttpResponse::MethodNotAllowed()
-                .insert_header((header::ALLOW, allow.as_str()))
-                .json(serde_json::json!({
-                    "error": "method_not_allowed",
-                    "message": format!("this path serves {allow} only"),
-                }))
-        }
+        async move { Err::<HttpResponse, _>(ApiError::MethodNotAllowed { allow }) }
     }))
 }
 
