@@ -23,8 +23,8 @@ use crate::limits::Limiters;
 use crate::metrics::Metrics;
 use crate::service::credentials::Credentials;
 use crate::service::directory::Directory;
+use crate::service::state::{AppState, State};
 use crate::service::sweeper::Sweeper;
-use crate::state::{AppState, State};
 use crate::{http, store, systemd};
 
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +111,7 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
         router,
         keys,
         writer,
-        limits: Limiters::new(&config, metrics.clone()),
+        limits: Limiters::new(config.rate_limits, &config.limits, metrics.clone()),
         metrics,
         directory: Directory::new(config.device_cache_ttl()),
         credentials: Credentials::new(config.device_cache_ttl()),

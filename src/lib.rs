@@ -3,12 +3,12 @@
 //! and stores and forwards opaque ciphertext. It never sees plaintext.
 //!
 //! # Layout
-//! - [`app`]: wiring (start, serve) and the graceful drain; [`config`]: defaults ← TOML ← env;
-//!   [`state`]: the handles every handler and session shares.
+//! - [`app`]: wiring (start, serve) and the graceful drain; [`config`]: defaults ← TOML ← env.
 //! - [`http`]: thin handlers, one file per SPEC resource; [`wire`]: JSON bodies and frames.
 //! - [`ws`]: the WebSocket transport: the device session actor, its frames,
 //!   its replay and its held copies, and the byte stream under it.
-//! - [`service`]: what handlers and WebSocket sessions share (send path, keys, accounts).
+//! - [`service`]: what handlers and WebSocket sessions share (send path, keys, accounts,
+//!   the caches, housekeeping) and `service::state`, the handles they all receive.
 //! - [`actors`]: router, keys actor, mailbox writer (and its quota): the
 //!   long-lived state; they never see the app's shared `State`.
 //! - [`domain`]: pure rules (addresses, Sesame device-set check, key checks, secrets).
@@ -25,7 +25,6 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod service;
-pub mod state;
 pub mod store;
 pub mod systemd;
 pub mod wire;

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::domain::envelope::Envelope;
+use crate::domain::envelope::{Envelope, RawCopy, RawSend};
+use crate::domain::prekeys::{RawKey, RawUpload};
 
 // ---- accounts and devices ----
 
@@ -282,6 +283,61 @@ pub struct MessageList {
     pub messages: Vec<EnvelopeJson>,
     /// Whether more copies wait after this page.
     pub more: bool,
+}
+
+impl From<SendRequest> for RawSend {
+    fn from(b: SendRequest) -> Self {
+        RawSend {
+            timestamp: b.timestamp,
+            online: b.online.unwrap_or(false),
+            copies: b
+                .messages
+                .into_iter()
+                .map(|m| RawCopy {
+                    device_id: m.destination_device_id,
+                    registration_id: m.destination_registration_id,
+                    msg_type: m.msg_type,
+                    content: m.content,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<SignedPreKey> for RawKey {
+    fn from(k: SignedPreKey) -> Self {
+        RawKey {
+            key_id: k.key_id,
+            public_key: k.public_key,
+            signature: k.signature,
+        }
+    }
+}
+
+impl From<KeyUpload> for RawUpload {
+    fn from(u: KeyUpload) -> Self {
+        RawUpload {
+            identity_key: u.identity_key,
+            signed_pre_key: u.signed_pre_key.map(RawKey::from),
+            pq_last_resort: u.pq_last_resort_pre_key.map(RawKey::from),
+            pre_keys: u
+                .pre_keys
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| RawKey {
+                    key_id: p.key_id,
+                    public_key: p.public_key,
+                    signature: String::new(),
+                })
+                .collect(),
+            pq_pre_keys: u
+                .pq_pre_keys
+                .unwrap_or_default()
+                .into_iter()
+                .map(RawKey::from)
+                .collect(),
+        }
+    }
 }
 
 // ---- WebSocket frames ----

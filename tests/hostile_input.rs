@@ -1066,7 +1066,7 @@ fn upload_effect(body: Option<&[u8]>, owner: &Uploaded) -> UploadEffect {
     let Some(upload) = body.and_then(|b| serde_json::from_slice::<KeyUpload>(b).ok()) else {
         return UploadEffect::Refused;
     };
-    let Ok(keys) = check_upload(upload) else {
+    let Ok(keys) = check_upload(upload.into()) else {
         return UploadEffect::Refused;
     };
     let v = &owner.vector;

@@ -5,8 +5,8 @@
 #![no_main]
 
 use courier::domain::keys::{EC_KEY_LEN, EC_TYPE, KYBER_KEY_LEN, KYBER_TYPE, SIGNATURE_LEN};
-use courier::domain::prekeys::{check_upload, MAX_KEYS_PER_UPLOAD};
 use courier::domain::prekeys::SignedKey;
+use courier::domain::prekeys::{check_upload, MAX_KEYS_PER_UPLOAD};
 use courier::wire::KeyUpload;
 use libfuzzer_sys::fuzz_target;
 
@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(upload) = serde_json::from_slice::<KeyUpload>(data) else {
         return;
     };
-    match check_upload(upload) {
+    match check_upload(upload.into()) {
         Ok(keys) => {
             assert_eq!(keys.identity_key.len(), EC_KEY_LEN);
             assert_eq!(keys.identity_key[0], EC_TYPE);

@@ -9,7 +9,6 @@
 
 mod bounds;
 mod env;
-mod rate;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -18,7 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use rate::{Limits, Rate};
+pub use crate::limits::{Limits, Rate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -8,7 +8,6 @@ use base64::Engine as _;
 use uuid::Uuid;
 
 use super::address::{Address, DeviceId};
-use crate::wire::SendRequest;
 
 /// Largest ciphertext one copy may carry, decoded.
 pub const MAX_CONTENT_BYTES: usize = 256 * 1024;
@@ -50,6 +49,23 @@ pub struct DeviceCopy {
     pub content: Vec<u8>,
 }
 
+/// A send as the client wrote it (the wire layer turns its JSON into this).
+#[derive(Debug, Clone)]
+pub struct RawSend {
+    pub timestamp: i64,
+    pub online: bool,
+    pub copies: Vec<RawCopy>,
+}
+
+/// One copy as the client wrote it: content still base64 text.
+#[derive(Debug, Clone)]
+pub struct RawCopy {
+    pub device_id: u32,
+    pub registration_id: i64,
+    pub msg_type: i64,
+    pub content: String,
+}
+
 /// A send body that passed the shape checks.
 #[derive(Debug)]
 pub struct ValidSend {
@@ -71,31 +87,31 @@ pub enum SendRefusal {
 /// Shape, size and encoding of a send body: at most one copy per device,
 /// registration ids in range, content non-empty standard base64 of at most
 /// 256 KiB. Pure.
-pub fn validate_send(body: SendRequest) -> Result<ValidSend, SendRefusal> {
+pub fn validate_send(body: RawSend) -> Result<ValidSend, SendRefusal> {
     use SendRefusal::{Malformed, TooLarge};
     if body.timestamp < 0 {
         return Err(Malformed(
             "timestamp must be milliseconds since the epoch".into(),
         ));
     }
-    if body.messages.len() > MAX_COPIES {
+    if body.copies.len() > MAX_COPIES {
         return Err(Malformed("too many copies in one send".into()));
     }
     let mut seen = BTreeSet::new();
-    let mut copies = Vec::with_capacity(body.messages.len());
-    for (i, m) in body.messages.into_iter().enumerate() {
-        if m.destination_device_id == 0 {
+    let mut copies = Vec::with_capacity(body.copies.len());
+    for (i, m) in body.copies.into_iter().enumerate() {
+        if m.device_id == 0 {
             return Err(Malformed(format!(
                 "messages[{i}].destinationDeviceId must be positive"
             )));
         }
-        if !seen.insert(m.destination_device_id) {
+        if !seen.insert(m.device_id) {
             return Err(Malformed(format!(
                 "messages[{i}]: more than one copy for device {}",
-                m.destination_device_id
+                m.device_id
             )));
         }
-        if !REGISTRATION_ID_RANGE.contains(&m.destination_registration_id) {
+        if !REGISTRATION_ID_RANGE.contains(&m.registration_id) {
             return Err(Malformed(format!(
                 "messages[{i}].destinationRegistrationId must be in 1..=16380"
             )));
@@ -116,14 +132,14 @@ pub fn validate_send(body: SendRequest) -> Result<ValidSend, SendRefusal> {
             return Err(TooLarge(format!("messages[{i}].content exceeds 256 KiB")));
         }
         copies.push(DeviceCopy {
-            device: DeviceId(m.destination_device_id),
-            registration_id: m.destination_registration_id,
+            device: DeviceId(m.device_id),
+            registration_id: m.registration_id,
             msg_type,
             content,
         });
     }
     Ok(ValidSend {
-        ephemeral: body.online.unwrap_or(false),
+        ephemeral: body.online,
         timestamp: body.timestamp,
         copies,
     })
@@ -132,22 +148,21 @@ pub fn validate_send(body: SendRequest) -> Result<ValidSend, SendRefusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::OutgoingMessage;
 
-    fn msg(device: u32, content: &str) -> OutgoingMessage {
-        OutgoingMessage {
-            destination_device_id: device,
-            destination_registration_id: 7,
+    fn msg(device: u32, content: &str) -> RawCopy {
+        RawCopy {
+            device_id: device,
+            registration_id: 7,
             msg_type: 1,
             content: content.into(),
         }
     }
 
-    fn body(messages: Vec<OutgoingMessage>) -> SendRequest {
-        SendRequest {
+    fn body(copies: Vec<RawCopy>) -> RawSend {
+        RawSend {
             timestamp: 1,
-            online: None,
-            messages,
+            online: false,
+            copies,
         }
     }
 
@@ -175,7 +190,7 @@ mod tests {
             ));
         }
         let mut m = msg(1, "aGk=");
-        m.destination_registration_id = 16381;
+        m.registration_id = 16381;
         assert!(matches!(
             validate_send(body(vec![m])),
             Err(SendRefusal::Malformed(_))

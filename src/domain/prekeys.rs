@@ -9,7 +9,6 @@ use curve25519_dalek::montgomery::MontgomeryPoint;
 
 use super::address::DeviceId;
 use super::keys::{self as k, KeyError};
-use crate::wire::{self, KeyUpload};
 
 /// One-time keys of each kind (EC, PQ) one upload may carry.
 pub const MAX_KEYS_PER_UPLOAD: usize = 100;
@@ -69,6 +68,25 @@ pub struct Bundle {
     pub devices: Vec<BundleDevice>,
 }
 
+/// An upload as the client wrote it: keys still base64 text (the wire layer
+/// turns its JSON into this).
+#[derive(Debug, Clone, Default)]
+pub struct RawUpload {
+    pub identity_key: String,
+    pub signed_pre_key: Option<RawKey>,
+    pub pq_last_resort: Option<RawKey>,
+    pub pre_keys: Vec<RawKey>,
+    pub pq_pre_keys: Vec<RawKey>,
+}
+
+/// One key as written; `signature` is empty for an unsigned one-time key.
+#[derive(Debug, Clone, Default)]
+pub struct RawKey {
+    pub key_id: u32,
+    pub public_key: String,
+    pub signature: String,
+}
+
 /// Why an upload is refused before storage.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -86,9 +104,9 @@ pub enum UploadError {
 }
 
 /// Decodes and verifies a whole upload.
-pub fn check_upload(upload: KeyUpload) -> Result<KeySet, UploadError> {
-    let pre_keys = upload.pre_keys.unwrap_or_default();
-    let pq_pre_keys = upload.pq_pre_keys.unwrap_or_default();
+pub fn check_upload(upload: RawUpload) -> Result<KeySet, UploadError> {
+    let pre_keys = upload.pre_keys;
+    let pq_pre_keys = upload.pq_pre_keys;
     if pre_keys.len() > MAX_KEYS_PER_UPLOAD || pq_pre_keys.len() > MAX_KEYS_PER_UPLOAD {
         return Err(UploadError::TooMany);
     }
@@ -104,26 +122,25 @@ pub fn check_upload(upload: KeyUpload) -> Result<KeySet, UploadError> {
         }
         .into());
     }
-    let signed =
-        |field: &str, key: &wire::SignedPreKey, kyber: bool| -> Result<SignedKey, KeyError> {
-            let public_key = if kyber {
-                k::check_signed_kyber_key(&identity, field, &key.public_key, &key.signature)?
-            } else {
-                k::check_signed_ec_key(&identity, field, &key.public_key, &key.signature)?.to_vec()
-            };
-            Ok(SignedKey {
-                key_id: key.key_id,
-                public_key,
-                signature: k::signature(field, &key.signature)?.to_vec(),
-            })
+    let signed = |field: &str, key: &RawKey, kyber: bool| -> Result<SignedKey, KeyError> {
+        let public_key = if kyber {
+            k::check_signed_kyber_key(&identity, field, &key.public_key, &key.signature)?
+        } else {
+            k::check_signed_ec_key(&identity, field, &key.public_key, &key.signature)?.to_vec()
         };
+        Ok(SignedKey {
+            key_id: key.key_id,
+            public_key,
+            signature: k::signature(field, &key.signature)?.to_vec(),
+        })
+    };
     let signed_pre_key = upload
         .signed_pre_key
         .as_ref()
         .map(|s| signed("signedPreKey", s, false))
         .transpose()?;
     let pq_last_resort = upload
-        .pq_last_resort_pre_key
+        .pq_last_resort
         .as_ref()
         .map(|s| signed("pqLastResortPreKey", s, true))
         .transpose()?;

@@ -6,7 +6,7 @@ use super::auth::{Authenticated, ClientIp};
 use super::openapi::{Internal, RateLimited, Unauthorized};
 use crate::error::{ApiError, ErrorBody};
 use crate::service::accounts;
-use crate::state::State;
+use crate::service::state::State;
 use crate::wire::{RegisterRequest, RegisteredDevice};
 
 /// Register an account

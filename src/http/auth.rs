@@ -15,7 +15,7 @@ use percent_encoding::percent_decode_str;
 use crate::domain::address::Address;
 use crate::error::ApiError;
 use crate::service::accounts;
-use crate::state::State;
+use crate::service::state::State;
 
 /// The device a request is authenticated as.
 #[derive(Debug, Clone, Copy)]

@@ -7,7 +7,7 @@ use super::openapi::{Internal, RateLimited, Unauthorized};
 use crate::domain::address::DeviceId;
 use crate::error::{ApiError, ErrorBody};
 use crate::service::accounts;
-use crate::state::State;
+use crate::service::state::State;
 use crate::wire::{DeviceInfo, LinkRequest, ProvisioningCode, RegisteredDevice};
 
 /// Create a linking code

@@ -6,7 +6,7 @@ use super::auth::Authenticated;
 use super::openapi::{Internal, RateLimited, Unauthorized};
 use crate::error::{ApiError, ErrorBody};
 use crate::service::keys;
-use crate::state::State;
+use crate::service::state::State;
 use crate::wire::{BundleResponse, KeyCount, KeyUpload};
 
 /// Upload keys

@@ -6,7 +6,7 @@ use super::auth::Authenticated;
 use super::openapi::{Internal, RateLimited, Unauthorized};
 use crate::error::{ApiError, ErrorBody};
 use crate::service::messaging;
-use crate::state::State;
+use crate::service::state::State;
 use crate::wire::{MessageList, SendRequest, SendResponse};
 
 /// Send a message

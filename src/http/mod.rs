@@ -10,7 +10,7 @@ use actix_web::middleware::Next;
 use actix_web::{error, web, HttpRequest, HttpResponse, Resource, Route};
 
 use crate::error::ApiError;
-use crate::state::State;
+use crate::service::state::State;
 
 pub mod accounts;
 pub mod auth;

@@ -5,7 +5,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorBody};
-use crate::state::State;
+use crate::service::state::State;
 use crate::store;
 
 /// `{"status": …}` of `/healthz` and `/readyz`.

@@ -6,7 +6,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use super::auth::Authenticated;
 use super::openapi::{Internal, RateLimited, Unauthorized};
 use crate::error::{ApiError, ErrorBody};
-use crate::state::State;
+use crate::service::state::State;
 
 /// Open the device's WebSocket
 ///

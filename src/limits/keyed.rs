@@ -5,7 +5,7 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::config::Rate;
+use super::Rate;
 
 /// One keyed GCRA limiter. The `Mutex` is held only for one check, or for
 /// one eviction pass over the map.

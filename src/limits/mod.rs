@@ -3,7 +3,7 @@
 //! Every limit is one row of the table below: its [`Limit`] variant, its name
 //! (`[limits] <name>` in TOML, `COURIER_LIMIT_<NAME>` in the environment, the
 //! `limit` label of `rate_limited_total`), its default rate and what it is keyed
-//! by. The configuration ([`crate::config::Limits`]), the environment overlay,
+//! by. The configuration ([`Limits`]), the environment overlay,
 //! `courier config` and [`Limiters`] all go by that table, so adding a limit is
 //! adding a row, then calling [`Limiters::check`] where it applies.
 //!
@@ -19,7 +19,10 @@ mod keyed;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, Rate};
+mod rate;
+
+pub use rate::{Limits, Rate};
+
 use crate::domain::address::AccountId;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -34,7 +37,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 macro_rules! limits {
     ($($(#[doc = $doc:literal])* $variant:ident: $name:literal, $rate:expr, $key:ident;)+) => {
         /// A named rate limit. Its declaration order indexes
-        /// [`crate::config::Limits`] and the limiters.
+        /// [`Limits`] and the limiters.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum Limit {
             $($(#[doc = $doc])* $variant,)+
@@ -169,12 +172,12 @@ pub struct Limiters {
 }
 
 impl Limiters {
-    pub fn new(config: &Config, metrics: Metrics) -> Self {
+    /// `enabled: false` (`COURIER_RATE_LIMITS=off`) admits everything.
+    pub fn new(enabled: bool, rates: &Limits, metrics: Metrics) -> Self {
         Limiters {
-            enabled: config.rate_limits,
+            enabled,
             metrics,
-            limiters: Limit::ALL
-                .map(|limit| Keyed::new(limit.name(), config.limits[limit], MAX_KEYS)),
+            limiters: Limit::ALL.map(|limit| Keyed::new(limit.name(), rates[limit], MAX_KEYS)),
         }
     }
 
@@ -281,9 +284,9 @@ mod tests {
     /// per-IP budget, another /64 and another IPv4 address have their own.
     #[test]
     fn per_ip_limits_share_one_budget_per_64() {
-        let mut config = Config::default();
-        config.limits[Limit::RegisterPerIp] = Rate::new(2, HOUR);
-        let limits = Limiters::new(&config, Metrics::new());
+        let mut rates = Limits::default();
+        rates[Limit::RegisterPerIp] = Rate::new(2, HOUR);
+        let limits = Limiters::new(true, &rates, Metrics::new());
         assert!(limits.register(ip("2001:db8:0:7::1")).is_ok());
         assert!(limits.register(ip("2001:db8:0:7::2")).is_ok());
         let refused = limits.register(ip("2001:db8:0:7:dead:beef:0:3"));
@@ -331,9 +334,9 @@ mod tests {
             KeyKind::AccountPair => Key::from((account, other)),
         };
         for (n, limit) in (1u32..).zip(Limit::ALL) {
-            let mut config = Config::default();
-            config.limits[limit] = Rate::new(n, HOUR);
-            let limits = Limiters::new(&config, Metrics::new());
+            let mut rates = Limits::default();
+            rates[limit] = Rate::new(n, HOUR);
+            let limits = Limiters::new(true, &rates, Metrics::new());
             for i in 0..n {
                 assert!(limits.check(limit, key(limit)).is_ok(), "{limit:?} #{i}");
             }

@@ -9,7 +9,7 @@ use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::domain::envelope::REGISTRATION_ID_RANGE;
 use crate::domain::secret;
 use crate::error::ApiError;
-use crate::state::State;
+use crate::service::state::State;
 use crate::store::{self, accounts::LinkRefusal, accounts::NewDevice};
 use crate::wire::{DeviceInfo, LinkRequest, ProvisioningCode, RegisterRequest, RegisteredDevice};
 

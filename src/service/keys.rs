@@ -4,7 +4,7 @@
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::domain::prekeys::{check_upload, SignedKey, UploadError, UploadRefusal};
 use crate::error::ApiError;
-use crate::state::State;
+use crate::service::state::State;
 use crate::wire::{self, b64, BundleResponse, KeyCount, KeyUpload};
 
 impl From<UploadError> for ApiError {
@@ -19,7 +19,7 @@ impl From<UploadError> for ApiError {
 
 /// `PUT /v1/keys`: all of it stored, or (on any error) nothing.
 pub async fn upload(state: &State, device: Address, upload: KeyUpload) -> Result<(), ApiError> {
-    let keys = actix_web::web::block(move || check_upload(upload)).await??;
+    let keys = actix_web::web::block(move || check_upload(upload.into())).await??;
     match state.keys.store(device, keys).await? {
         Ok(()) => Ok(()),
         Err(UploadRefusal::IdentityMismatch) => Err(ApiError::IdentityKeyMismatch),

@@ -21,7 +21,7 @@ use crate::domain::address::{AccountId, Address};
 use crate::domain::device_set::{self, DeviceSetError};
 use crate::domain::envelope::{new_guid, validate_send, DeviceCopy, Envelope, SendRefusal};
 use crate::error::ApiError;
-use crate::state::State;
+use crate::service::state::State;
 use crate::store;
 use crate::store::mailbox::Outcome;
 use crate::wire::{
@@ -66,7 +66,7 @@ pub struct Prepared {
 /// The body checks alone (for fuzzing and tests): the number of copies, or
 /// the error a send with this body gets before any lookup.
 pub fn validate_body(body: SendRequest) -> Result<usize, ApiError> {
-    Ok(validate_send(body)?.copies.len())
+    Ok(validate_send(body.into())?.copies.len())
 }
 
 /// Everything before routing: validation, rate limit, the sender still
@@ -84,7 +84,7 @@ pub async fn prepare(
     let dest: AccountId = destination
         .parse()
         .map_err(|_| ApiError::bad_request("destination is not an account UUID"))?;
-    let send = validate_send(body)?;
+    let send = validate_send(body.into())?;
     state.limits.send(sender.account)?;
 
     // A device deleted since it authenticated (or since its socket opened)

@@ -10,4 +10,5 @@ pub mod directory;
 pub mod generations;
 pub mod keys;
 pub mod messaging;
+pub mod state;
 pub mod sweeper;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use actix::{Actor, AsyncContext, Context, Handler, Message, ResponseFuture};
 
 use crate::error::ApiError;
-use crate::state::State;
+use crate::service::state::State;
 use crate::store;
 
 /// Rows deleted per statement batch, so a sweep never holds the write lock long.

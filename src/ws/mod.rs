@@ -22,7 +22,7 @@ use actix_http::body::{BodyStream, MessageBody};
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::domain::address::Address;
-use crate::state::State;
+use crate::service::state::State;
 use gate::{GatedStream, InflightGate};
 use session::DeviceSession;
 use transport::{ConnSocket, Inbox, Outbox};

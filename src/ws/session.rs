@@ -38,7 +38,7 @@ use crate::actors::router::{
 use crate::domain::address::Address;
 use crate::domain::envelope::Envelope;
 use crate::error::ApiError;
-use crate::state::State;
+use crate::service::state::State;
 use crate::store;
 use crate::wire::{self, DeliveryStatus};
 

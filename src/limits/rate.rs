@@ -9,7 +9,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::limits::Limit;
+use super::Limit;
 
 /// A GCRA rate: `count` requests per `per`, with a burst of `count`.
 /// Written `"20/h"`, `"100/s"`, `"6000/min"`, `"5/30s"` or `"1/d"`.
