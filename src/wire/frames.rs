@@ -1,0 +1,195 @@
+//! WebSocket frames: parsing what clients send, writing what the server
+//! sends.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use serde_json::Value;
+
+use super::{EnvelopeJson, OutgoingMessage, SendRequest};
+use crate::domain::envelope::Envelope;
+
+// ---- WebSocket frames ----
+
+/// Largest send body, as HTTP JSON or as one WebSocket frame: one ≤256 KiB
+/// copy per device, base64.
+pub const MAX_SEND_BYTES: usize = 8 * 1024 * 1024;
+
+/// The `id` of a send frame, if it has a usable one (for answering a frame
+/// refused before it is parsed whole).
+pub fn frame_id(text: &str) -> Option<serde_json::Number> {
+    serde_json::from_str::<FrameHead>(text)
+        .ok()?
+        .id
+        .filter(|id| id.is_i64() || id.is_u64())
+}
+
+/// What every client frame is first read as: enough to route it and to echo
+/// its `id` in an error response. Other fields are ignored here.
+#[derive(Debug, Deserialize)]
+pub struct FrameHead {
+    #[serde(default)]
+    pub op: Option<String>,
+    #[serde(default)]
+    pub id: Option<serde_json::Number>,
+}
+
+/// `{"op":"send","id":N,"destination":UUID, …the HTTP send body…}`.
+/// The body's fields are spelled out rather than `#[serde(flatten)]`ed:
+/// flatten buffers the whole frame into an intermediate tree first, which
+/// was a visible cost on the hot path.
+#[derive(Debug, Deserialize)]
+pub struct SendFrame {
+    pub destination: String,
+    pub timestamp: i64,
+    #[serde(default)]
+    pub online: Option<bool>,
+    pub messages: Vec<OutgoingMessage>,
+}
+
+impl SendFrame {
+    pub fn into_parts(self) -> (String, SendRequest) {
+        (
+            self.destination,
+            SendRequest {
+                timestamp: self.timestamp,
+                online: self.online,
+                messages: self.messages,
+            },
+        )
+    }
+}
+
+/// `{"op":"ack","guid":G}`.
+#[derive(Debug, Deserialize)]
+pub struct AckFrame {
+    pub guid: String,
+}
+
+/// A client frame, classified. Parsing never fails: anything unusable is
+/// `Unusable` with the reason the `error` frame gives.
+#[derive(Debug)]
+pub enum ClientFrame {
+    Send {
+        id: serde_json::Number,
+        destination: String,
+        body: SendRequest,
+    },
+    /// A `send` with a usable id but a body that does not parse: answered
+    /// with a `400` response carrying that id.
+    InvalidSend {
+        id: serde_json::Number,
+        reason: String,
+    },
+    Ack {
+        guid: uuid::Uuid,
+    },
+    Unusable(&'static str),
+}
+
+/// Reads one client text frame (the WebSocket session's only parser).
+pub fn parse_client_frame(text: &str) -> ClientFrame {
+    let Ok(head) = serde_json::from_str::<FrameHead>(text) else {
+        return ClientFrame::Unusable("frame is not a JSON object with a string op");
+    };
+    match head.op.as_deref() {
+        Some("send") => match head.id {
+            Some(id) if id.is_i64() || id.is_u64() => match serde_json::from_str::<SendFrame>(text)
+            {
+                Ok(f) => {
+                    let (destination, body) = f.into_parts();
+                    ClientFrame::Send {
+                        id,
+                        destination,
+                        body,
+                    }
+                }
+                Err(e) => ClientFrame::InvalidSend {
+                    id,
+                    reason: format!("invalid send: {e}"),
+                },
+            },
+            _ => ClientFrame::Unusable("send frame needs an integer id"),
+        },
+        Some("ack") => match serde_json::from_str::<AckFrame>(text)
+            .ok()
+            .and_then(|a| uuid::Uuid::parse_str(&a.guid).ok())
+        {
+            Some(guid) => ClientFrame::Ack { guid },
+            None => ClientFrame::Unusable("ack frame needs a guid"),
+        },
+        _ => ClientFrame::Unusable("unknown or missing op"),
+    }
+}
+
+/// The `message` frame for `e`, written straight into one buffer of the
+/// right size: this runs once per delivered copy, and going through
+/// [`EnvelopeJson`] cost four allocations plus a JSON-escape scan of the
+/// base64 content, which never needs escaping. A test pins it to the
+/// serde form.
+pub fn message_frame(e: &Envelope) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(e.content.len().div_ceil(3) * 4 + 224);
+    // Writing into a String cannot fail.
+    let _ = write!(
+        out,
+        concat!(
+            r#"{{"op":"message","envelope":{{"guid":"{}","source":"{}","sourceDevice":{},"#,
+            r#""type":{},"timestamp":{},"serverTimestamp":{},"content":""#
+        ),
+        e.guid.hyphenated(),
+        e.source.account,
+        e.source.device.0,
+        e.msg_type,
+        e.timestamp,
+        e.server_timestamp,
+    );
+    STANDARD.encode_string(&e.content, &mut out);
+    out.push_str("\"}}");
+    out
+}
+
+/// A `response` frame whose body is serialised once, straight from `body`
+/// (not through a `serde_json::Value`).
+pub fn response_frame<B: Serialize>(id: &serde_json::Number, status: u16, body: &B) -> String {
+    #[derive(Serialize)]
+    struct Response<'a, B> {
+        op: &'static str,
+        id: &'a serde_json::Number,
+        status: u16,
+        body: &'a B,
+    }
+    let frame = Response {
+        op: "response",
+        id,
+        status,
+        body,
+    };
+    serde_json::to_string(&frame).unwrap_or_else(|_| "{\"op\":\"error\"}".into())
+}
+
+/// Frames the server sends.
+#[derive(Debug, Serialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum ServerFrame<'a> {
+    Message {
+        envelope: EnvelopeJson,
+    },
+    QueueEmpty,
+    Response {
+        id: &'a serde_json::Number,
+        status: u16,
+        body: Value,
+    },
+    Error {
+        message: &'a str,
+    },
+}
+
+impl ServerFrame<'_> {
+    pub fn to_text(&self) -> String {
+        // Serialising these types cannot fail: no maps with non-string keys.
+        serde_json::to_string(self).unwrap_or_else(|_| "{\"op\":\"error\"}".into())
+    }
+}
