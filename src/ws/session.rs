@@ -212,9 +212,9 @@ impl DeviceSession {
     fn abort(&mut self, ctx: &mut Context<Self>) {
         self.phase = Phase::Closing;
         self.spill_all();
-        self.outbox.finish();
-        if let Some(socket) = &self.socket {
-            socket.abort();
+        match self.socket {
+            Some(socket) => self.outbox.cut(socket),
+            None => self.outbox.finish(),
         }
         ctx.stop();
     }
@@ -386,7 +386,7 @@ impl Actor for DeviceSession {
             actix::spawn(async move {
                 tokio::time::sleep(CLOSE_GRACE).await;
                 if !outbox.is_drained() {
-                    socket.abort();
+                    outbox.cut(socket);
                 }
             });
         }

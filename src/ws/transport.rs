@@ -13,7 +13,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -26,33 +26,25 @@ use actix_web::web::{Bytes, BytesMut};
 use bytestring::ByteString;
 use futures_util::Stream;
 
-/// A duplicate of a connection's socket, taken when the connection is
-/// accepted (see [`remember_socket`]), so a session can abort a connection
+/// The descriptor of a connection's socket, noted when the connection is
+/// accepted (see [`remember_socket`]), so a session can cut a connection
 /// whose peer stopped reading: the HTTP dispatcher is then parked on a write
 /// that never completes and would hold the connection until the kernel gives
 /// up (many minutes; never, while the peer's window stays shut).
-#[derive(Clone)]
-pub struct ConnSocket(Rc<socket2::Socket>);
+///
+/// Only the number is kept (a duplicate would double every connection's
+/// descriptors), so it is used only through [`Outbox::cut`], which checks
+/// that the response body is still alive: the body lives inside the
+/// dispatcher that owns the socket, on this same thread, so while the body
+/// exists the descriptor is open and cannot have been reused.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnSocket(RawFd);
 
-impl ConnSocket {
-    /// Resets the connection: unsent output is discarded, the peer gets an
-    /// RST, and the dispatcher's pending write fails, which ends it.
-    pub fn abort(&self) {
-        let _ = self.0.set_linger(Some(Duration::ZERO));
-        let _ = self.0.shutdown(Shutdown::Both);
-    }
-}
-
-/// `HttpServer::on_connect` hook: keeps a duplicate of each TCP socket in the
-/// connection's data. Costs one file descriptor per connection.
+/// `HttpServer::on_connect` hook: notes each TCP connection's descriptor in
+/// the connection's data.
 pub fn remember_socket(conn: &dyn std::any::Any, data: &mut actix_web::dev::Extensions) {
     if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        match socket2::SockRef::from(tcp).try_clone() {
-            Ok(socket) => {
-                data.insert(ConnSocket(Rc::new(socket)));
-            }
-            Err(e) => log::warn!("cannot duplicate a connection's socket: {e}"),
-        }
+        data.insert(ConnSocket(tcp.as_raw_fd()));
     }
 }
 
@@ -65,6 +57,8 @@ struct OutboxState {
     waker: Option<Waker>,
     /// No more frames will come: the body ends once `frames` is empty.
     finished: bool,
+    /// The dispatcher still holds the body (and so the socket).
+    body_alive: bool,
     codec: Codec,
     scratch: BytesMut,
 }
@@ -84,6 +78,7 @@ impl Outbox {
             progress: Instant::now(),
             waker: None,
             finished: false,
+            body_alive: true,
             codec: Codec::new(),
             scratch: BytesMut::new(),
         }));
@@ -156,6 +151,23 @@ impl Outbox {
     /// Everything queued has been handed to the dispatcher.
     pub fn is_drained(&self) -> bool {
         self.0.borrow().frames.is_empty()
+    }
+
+    /// Shuts the connection down in both directions, if the dispatcher still
+    /// holds it (see [`ConnSocket`]): the parked write then fails, which ends
+    /// the dispatcher and closes the socket; the peer sees the connection
+    /// end. Nothing more is queued.
+    pub fn cut(&self, socket: ConnSocket) {
+        self.finish();
+        if self.0.borrow().body_alive {
+            let _ = nix::sys::socket::shutdown(socket.0, nix::sys::socket::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for OutboxBody {
+    fn drop(&mut self) {
+        self.0.borrow_mut().body_alive = false;
     }
 }
 
