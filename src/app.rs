@@ -147,7 +147,7 @@ fn serve(state: State, listener: TcpListener) -> Result<Server, RunError> {
             .default_service(web::to(http::not_found))
     })
     .disable_signals()
-    // A duplicate of each socket, so a session can reset a connection whose
+    // Each socket's descriptor, so a session can cut a connection whose
     // peer stopped reading (`ws::transport`).
     .on_connect(crate::ws::transport::remember_socket)
     // Frames are small and latency-bound: never wait for Nagle's 40 ms.
