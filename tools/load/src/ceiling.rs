@@ -1,5 +1,5 @@
-//! The physical ceiling: a bare WebSocket relay inside the tool, driven by
-//! the very same relay client code as courier.
+//! The physical ceiling: a bare WebSocket relay built into the tool, driven
+//! by the very same relay client code as courier.
 //!
 //! It does the least a relay can: no authentication (it only reads the
 //! login from the Basic header to know who is connecting), no storage, no
@@ -7,17 +7,27 @@
 //! destination, id and content, pushes a `message` frame with a fresh guid
 //! to the destination's connection, and answers the sender `200 delivered`
 //! when the destination's ack comes back — the same round trip courier's
-//! live path makes. It runs on its own runtime and threads, so that
-//! "courier's max rate / ceiling's max rate" says how much of the machine's
-//! loopback-and-JSON budget courier's guarantees cost.
+//! live path makes. "courier's max rate / ceiling's max rate" says how much
+//! of the machine's loopback-and-JSON budget courier's guarantees cost.
+//!
+//! It runs as a child process: the tool starts its own executable again
+//! with the hidden subcommand `ceiling-serve`, exactly as it starts
+//! `courier serve`. That way the server CPU per relayed message is read the
+//! same way for both (`utime + stime` of the process, see [`crate::cpu`]),
+//! and it counts every thread the relay ever ran, which per-thread readings
+//! of the tool's own `/proc/self/task/*` would not once a thread exits;
+//! nor do the relay and the load clients share an allocator. The child
+//! exits when its stdin closes, so it cannot outlive the tool.
 
 use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
@@ -28,60 +38,104 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::Message;
 
-/// A running bare relay; stopped (and its thread joined) on drop.
+/// The hidden subcommand the child runs.
+pub const SUBCOMMAND: &str = "ceiling-serve";
+
+/// The line the child prints on stdout once it accepts connections.
+const READY: &str = "ceiling listening on ";
+
+/// A running bare relay (a child process); stopped on drop.
 pub struct Ceiling {
     pub addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    child: Child,
 }
 
 impl Ceiling {
-    /// Starts the relay on 127.0.0.1:0 with a runtime of `threads` workers.
+    /// Starts the relay (this executable, `ceiling-serve`) on 127.0.0.1:0
+    /// with a runtime of `threads` workers, and waits until it listens.
     pub fn start(threads: usize) -> anyhow::Result<Ceiling> {
-        let listener =
-            std::net::TcpListener::bind("127.0.0.1:0").context("bind the ceiling relay")?;
-        listener.set_nonblocking(true).context("nonblocking")?;
-        let addr = listener.local_addr().context("local addr")?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
-            .thread_name("ceiling")
-            .enable_all()
-            .build()
-            .context("ceiling runtime")?;
-        let (tx, rx) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("ceiling-main".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let Ok(listener) = TcpListener::from_std(listener) else {
-                        return;
-                    };
-                    let hub = Arc::new(Hub::default());
-                    tokio::select! {
-                        _ = accept_loop(listener, hub) => {}
-                        _ = rx => {}
-                    }
-                });
-                // Dropping the runtime here ends every connection task.
-            })
-            .context("ceiling thread")?;
-        Ok(Ceiling {
-            addr,
-            shutdown: Some(tx),
-            thread: Some(thread),
-        })
+        let exe = std::env::current_exe().context("own path")?;
+        let mut child = Command::new(&exe)
+            .args([SUBCOMMAND, "--threads", &threads.max(1).to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("start the ceiling relay ({})", exe.display()))?;
+        let stdout = child.stdout.take().context("ceiling stdout")?;
+        // One line, printed within milliseconds; EOF if the child failed.
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        let addr = line
+            .trim()
+            .strip_prefix(READY)
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the ceiling relay did not start ({read:?}, said {line:?})");
+        };
+        Ok(Ceiling { addr, child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
 impl Drop for Ceiling {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+        // Closing stdin asks it to exit; SIGKILL if it has not within 2 s.
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// The child's side (`courier-load ceiling-serve`): serves on 127.0.0.1:0,
+/// announces the address on stdout, and returns when stdin closes.
+pub fn serve_child(threads: usize) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name("ceiling")
+        .enable_all()
+        .build()
+        .context("ceiling runtime")?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("ceiling-stdin".into())
+        .spawn(move || {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+            let _ = stop_tx.send(());
+        })
+        .context("stdin watcher")?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("bind the ceiling relay")?;
+        let addr = listener.local_addr().context("local addr")?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{READY}{addr}").context("announce the address")?;
+        out.flush().context("announce the address")?;
+        drop(out);
+        let hub = Arc::new(Hub::default());
+        tokio::select! {
+            _ = accept_loop(listener, hub) => {}
+            _ = stop_rx => {}
+        }
+        anyhow::Ok(())
+    })?;
+    // Dropping the runtime ends every connection task.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
 }
 
 type Outbox = mpsc::UnboundedSender<Message>;

@@ -19,6 +19,7 @@ mod bundles;
 mod ceiling;
 mod client;
 mod connections;
+mod cpu;
 mod flood;
 mod relay;
 mod server;
@@ -51,7 +52,7 @@ struct Cli {
     #[arg(long, global = true, help_heading = "Server under test")]
     server: Option<String>,
     /// The external server's pid, for its memory figures (`connections`, `soak`,
-    /// `stalled`, `unacked-replay`).
+    /// `stalled`, `unacked-replay`) and its CPU per message (`relay`).
     #[arg(long, global = true, help_heading = "Server under test")]
     server_pid: Option<u32>,
     /// The courier binary to start [default: `courier` next to this executable].
@@ -84,8 +85,9 @@ enum Scenario {
     Relay {
         #[command(flatten)]
         args: RelayArgs,
-        /// Also sweep the in-process bare relay and report courier's max rate
-        /// as a fraction of it (implies --sweep).
+        /// Also sweep the bare relay (the tool's child process) and report
+        /// courier's max rate as a fraction of its, and courier's server CPU
+        /// per message as a multiple of its (implies --sweep).
         #[arg(long)]
         with_ceiling: bool,
         /// Worker threads of the bare relay [default: one per core].
@@ -107,7 +109,7 @@ enum Scenario {
     Stalled(stalled::StalledArgs),
     /// A large mailbox read without acks: the replay pauses, server memory stays bounded.
     UnackedReplay(unacked::UnackedArgs),
-    /// The relay client against a bare in-process WebSocket relay (no courier).
+    /// The relay client against a bare WebSocket relay (the tool's child process, no courier).
     Ceiling {
         #[command(flatten)]
         args: RelayArgs,
@@ -120,6 +122,13 @@ enum Scenario {
         #[arg(long, default_value = bundles::DEFAULT_VECTORS)]
         vectors: PathBuf,
     },
+    /// Internal: the bare relay's own process, started by `ceiling` and
+    /// `relay --with-ceiling` (it prints its address, exits when stdin closes).
+    #[command(name = ceiling::SUBCOMMAND, hide = true)]
+    CeilingServe {
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -130,6 +139,18 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Scenario::CeilingServe { threads } = cli.scenario {
+        // The tool's own child (see `ceiling`): it serves as many
+        // connections as the relay clients open.
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        return match ceiling::serve_child(threads) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("courier-load {}: {e:#}", ceiling::SUBCOMMAND);
+                ExitCode::from(2)
+            }
+        };
+    }
     // Every socket is a descriptor; the child server inherits the raised limit.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) if !cli.quiet => eprintln!("courier-load: file descriptor limit {n}"),
@@ -174,6 +195,7 @@ fn scenario_name(s: &Scenario) -> &'static str {
         Scenario::UnackedReplay(_) => "unacked-replay",
         Scenario::Ceiling { .. } => "ceiling",
         Scenario::Smoke { .. } => "smoke",
+        Scenario::CeilingServe { .. } => ceiling::SUBCOMMAND,
     }
 }
 
@@ -273,11 +295,11 @@ async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report
                     sweep: true,
                     ..args.clone()
                 };
-                let best = relay::run(&target, &args, quiet, &mut report).await?;
+                let courier_run = relay::run(&target, &args, quiet, &mut report).await?;
                 let ceiling = ceiling::Ceiling::start(threads_or_cores(*ceiling_threads))?;
-                let best_ceiling =
+                let ceiling_run =
                     relay::run(&ceiling_target(&ceiling), &args, quiet, &mut report).await?;
-                let ratio = match (best, best_ceiling) {
+                let ratio = match (courier_run.best, ceiling_run.best) {
                     (Some(c), Some(b)) if b > 0.0 => Some(c / b),
                     _ => None,
                 };
@@ -286,6 +308,7 @@ async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report
                     ratio.map_or("n/a".to_owned(), |r| format!("{:.1} %", r * 100.0)),
                 );
                 report.fig("ratio_to_ceiling", ratio.map(stats::round3));
+                relay::compare_cpu(&courier_run, &ceiling_run, &mut report);
             } else {
                 relay::run(&target, args, quiet, &mut report).await?;
             }
@@ -316,7 +339,9 @@ async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report
         }
         Scenario::UnackedReplay(args) => vec![unacked::run(courier, args, quiet).await?],
         Scenario::Smoke { vectors } => smoke::run(courier, vectors.clone(), quiet).await,
-        Scenario::Ceiling { .. } => unreachable!("handled without a courier"),
+        Scenario::Ceiling { .. } | Scenario::CeilingServe { .. } => {
+            unreachable!("handled without a courier")
+        }
     })
 }
 
@@ -337,6 +362,7 @@ fn ceiling_target(c: &ceiling::Ceiling) -> Target {
         addr: c.addr,
         http_base: None,
         has_mailbox: false,
+        pid: Some(c.pid()),
     }
 }
 

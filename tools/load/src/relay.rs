@@ -1,4 +1,4 @@
-//! `relay` (and, against the in-process bare relay, `ceiling`): live
+//! `relay` (and, against the bare relay built into the tool, `ceiling`): live
 //! message relay between connected devices.
 //!
 //! N sender/receiver pairs, each device on its own WebSocket. Every sender
@@ -23,6 +23,10 @@
 //! `--sweep` runs short steps at increasing rates (doubling, then bisecting)
 //! and reports the highest rate whose delivery p99 stays under `--p99-ms`
 //! with nothing lost, nothing failed and the senders on schedule.
+//!
+//! Every run and step also reports the server's CPU time per relayed
+//! message (see [`crate::cpu`]); [`compare_cpu`] sets courier's against the
+//! bare relay's (`relay --with-ceiling`).
 
 mod peer;
 mod result;
@@ -34,7 +38,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::client::{self, Device};
-use crate::stats::{Progress, Report};
+use crate::cpu;
+use crate::stats::{round1, round3, Progress, Report};
 
 pub use result::StepResult;
 pub use step::{run_step, StepConfig};
@@ -90,6 +95,8 @@ pub struct Target {
     pub http_base: Option<String>,
     /// Whether spilled copies can be fetched again by reconnecting.
     pub has_mailbox: bool,
+    /// The server process, whose CPU time is measured (`None`: unknown).
+    pub pid: Option<u32>,
 }
 
 impl Target {
@@ -100,6 +107,7 @@ impl Target {
             addr: server.addr,
             http_base: Some(server.base()),
             has_mailbox: true,
+            pid: server.pid(),
         }
     }
 }
@@ -262,14 +270,96 @@ pub fn validate(args: &RelayArgs, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a relay-style run found, for setting two targets side by side.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The sweep's highest passing rate (`None`: a fixed-rate run, or no
+    /// step passed).
+    pub best: Option<f64>,
+    /// Server CPU µs per relayed message by offered rate: every passing
+    /// sweep step, or the one fixed-rate run.
+    pub cpu_by_rate: Vec<(f64, f64)>,
+}
+
+impl Outcome {
+    /// CPU µs per message of the (last) passing step at `rate`.
+    pub fn cpu_at(&self, rate: f64) -> Option<f64> {
+        self.cpu_by_rate
+            .iter()
+            .rev()
+            .find(|(r, _)| same_rate(*r, rate))
+            .map(|(_, us)| *us)
+    }
+
+    /// CPU µs per message at the sweep's best rate.
+    pub fn cpu_at_best(&self) -> Option<f64> {
+        self.cpu_at(self.best?)
+    }
+}
+
+/// Offered rates are whole msg/s in every sweep (doubling an integer start,
+/// rounded bisection midpoints).
+fn same_rate(a: f64, b: f64) -> bool {
+    (a - b).abs() < 0.5
+}
+
+/// Courier's server CPU per relayed message against the bare relay's (issue
+/// 13: at most 3 ×): at the highest offered rate both sweeps passed (the
+/// same load on the machine), and each at its own max rate.
+pub fn compare_cpu(courier: &Outcome, ceiling: &Outcome, report: &mut Report) {
+    let same = courier
+        .cpu_by_rate
+        .iter()
+        .filter_map(|&(rate, c)| Some((rate, c, ceiling.cpu_at(rate)?)))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let at_max = courier.cpu_at_best().zip(ceiling.cpu_at_best());
+    let ratio = |c: f64, b: f64| (b > 0.0).then(|| c / b);
+    let times = |r: Option<f64>| r.map_or("n/a".to_owned(), |r| format!("{r:.2} ×"));
+    report.row(
+        "server CPU courier / ceiling",
+        match same {
+            Some((rate, c, b)) => format!(
+                "{} at {rate:.0} msg/s, the highest rate both passed ({c:.1} vs {b:.1} µs/msg); target ≤ 3 ×",
+                times(ratio(c, b))
+            ),
+            None => "n/a (no rate passed by both with CPU figures)".into(),
+        },
+    );
+    report.row(
+        "  each at its max rate",
+        match at_max {
+            Some((c, b)) => format!("{} ({c:.1} vs {b:.1} µs/msg)", times(ratio(c, b))),
+            None => "n/a".into(),
+        },
+    );
+    report.fig(
+        "cpu_ratio_to_ceiling",
+        json!({
+            "same_rate": same.map(|(rate, c, b)| json!({
+                "rate": rate,
+                "courier_us_per_msg": round1(c),
+                "ceiling_us_per_msg": round1(b),
+                "ratio": ratio(c, b).map(round3),
+            })),
+            "at_max_rate": at_max.map(|(c, b)| json!({
+                "courier_rate": courier.best,
+                "ceiling_rate": ceiling.best,
+                "courier_us_per_msg": round1(c),
+                "ceiling_us_per_msg": round1(b),
+                "ratio": ratio(c, b).map(round3),
+            })),
+        }),
+    );
+}
+
 /// A relay-style run (fixed rate, or sweep) against `target`, into
-/// `report`. Returns the sweep's best rate.
+/// `report`.
 pub async fn run(
     target: &Target,
     args: &RelayArgs,
     quiet: bool,
     report: &mut Report,
-) -> anyhow::Result<Option<f64>> {
+) -> anyhow::Result<Outcome> {
     validate(args, report)?;
     let pairs = make_pairs(target, args.pairs, quiet).await?;
     if !args.sweep {
@@ -301,31 +391,47 @@ pub async fn run(
                 target.name, r.sent, r.planned
             ));
         }
-        return Ok(None);
+        let cpu = r.server_cpu.and_then(|c| c.us_per_msg());
+        return Ok(Outcome {
+            best: None,
+            cpu_by_rate: cpu.map(|us| (args.rate, us)).into_iter().collect(),
+        });
     }
 
     let sw = sweep(target, &pairs, args, quiet).await;
     report.row(
         &format!("{} sweep", target.name),
         format!(
-            "{} pairs, {} s steps, pass = delivery p99 < {} ms, nothing lost or failed",
-            args.pairs, args.step_secs, args.p99_ms
+            "{} pairs, {} B, {} s steps, pass = delivery p99 < {} ms, nothing lost or failed",
+            args.pairs, args.size, args.step_secs, args.p99_ms
         ),
     );
     let mut steps_json = Vec::new();
+    let mut outcome = Outcome {
+        best: sw.best,
+        cpu_by_rate: Vec::new(),
+    };
     for (rate, r, shortfall) in &sw.steps {
         report.row(
             &format!("  {rate:.0} msg/s"),
             format!(
-                "{:.0} delivered/s, delivery p99 {:.2} ms, answer p99 {:.2} ms: {}",
+                "{:.0} delivered/s, delivery p50 {:.2} / p99 {:.2} ms, answer p99 {:.2} ms, \
+                 server CPU {}: {}",
                 r.delivered_rate(),
+                r.delivery_latency.ms(0.50),
                 r.delivery_latency.ms(0.99),
                 r.answer_latency.ms(0.99),
+                cpu::us_or_na(r.server_cpu.as_ref()),
                 shortfall.as_deref().unwrap_or("pass")
             ),
         );
         for f in r.correctness_failures() {
             report.fail(f);
+        }
+        if shortfall.is_none() {
+            if let Some(us) = r.server_cpu.and_then(|c| c.us_per_msg()) {
+                outcome.cpu_by_rate.push((*rate, us));
+            }
         }
         let mut j = r.json();
         j["pass"] = json!(shortfall.is_none());
@@ -339,6 +445,14 @@ pub async fn run(
             None => "no step passed".into(),
         },
     );
+    let cpu_at_max = outcome.cpu_at_best();
+    report.row(
+        &format!("{} server CPU", target.name),
+        match (cpu_at_max, sw.best) {
+            (Some(us), Some(b)) => format!("{us:.1} µs per relayed message at {b:.0} msg/s"),
+            _ => "n/a".into(),
+        },
+    );
     if sw.best.is_none() {
         report.warn(format!("{}: no sweep step passed", target.name));
     }
@@ -346,11 +460,38 @@ pub async fn run(
         target.name,
         json!({
             "max_rate": sw.best,
+            "cpu_us_per_msg_at_max_rate": cpu_at_max.map(round1),
             "p99_ms_limit": args.p99_ms,
             "pairs": args.pairs,
+            "size": args.size,
             "step_s": args.step_secs,
             "steps": steps_json,
         }),
     );
-    Ok(sw.best)
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_compared_at_the_highest_common_rate_and_at_each_max() {
+        let courier = Outcome {
+            best: Some(160_000.0),
+            cpu_by_rate: vec![(64_000.0, 20.0), (128_000.0, 18.0), (160_000.0, 17.0)],
+        };
+        let ceiling = Outcome {
+            best: Some(352_000.0),
+            cpu_by_rate: vec![(128_000.0, 6.0), (256_000.0, 5.0), (352_000.0, 4.0)],
+        };
+        let mut r = Report::new("relay");
+        compare_cpu(&courier, &ceiling, &mut r);
+        let j = &r.figures["cpu_ratio_to_ceiling"];
+        assert_eq!(j["same_rate"]["rate"], 128_000.0);
+        assert_eq!(j["same_rate"]["ratio"], 3.0);
+        assert_eq!(j["at_max_rate"]["ratio"], 4.25);
+        compare_cpu(&courier, &Outcome::default(), &mut r);
+        assert!(r.figures["cpu_ratio_to_ceiling"]["same_rate"].is_null());
+    }
 }

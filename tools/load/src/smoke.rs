@@ -25,6 +25,7 @@ pub async fn run(server: &Courier, vectors: std::path::PathBuf, quiet: bool) -> 
         addr: server.addr,
         http_base: Some(server.base()),
         has_mailbox: true,
+        pid: server.pid(),
     };
     let relay_args = RelayArgs {
         pairs: 4,

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::peer::{ReceiverOut, SenderOut};
 use crate::client::Answer;
+use crate::cpu::CpuUse;
 use crate::stats::{per_sec, round1, Latency, Report};
 
 /// Everything one fixed-rate run measured.
@@ -41,6 +42,10 @@ pub struct StepResult {
     pub lag: Latency,
     pub last_send: Duration,
     pub last_delivery: Duration,
+    /// The server process's CPU from the start of sending until every
+    /// sender had its answers, over the sends answered 200 (`None`: its
+    /// pid is not known, e.g. `--server` without `--server-pid`).
+    pub server_cpu: Option<CpuUse>,
 }
 
 impl StepResult {
@@ -142,6 +147,7 @@ impl StepResult {
             "answer_latency": self.answer_latency.json(),
             "delivery_latency": self.delivery_latency.json(),
             "send_lag": self.lag.json(),
+            "server_cpu": self.server_cpu.map(|c| c.json()),
         })
     }
 
@@ -189,6 +195,11 @@ impl StepResult {
         report.row("answer latency", self.answer_latency.summary());
         report.row("delivery latency", self.delivery_latency.summary());
         report.row("send lag", self.lag.summary());
+        report.row(
+            "server CPU",
+            self.server_cpu
+                .map_or("n/a (server pid unknown)".into(), |c| c.summary()),
+        );
         report.row(
             "lost",
             format!(

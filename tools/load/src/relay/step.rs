@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use super::peer::{receive, send};
 use super::{Pair, StepResult, Target};
 use crate::client::{self, close_quietly, drain_until_queue_empty, Device, PayloadMaker, Ws};
+use crate::cpu::CpuMark;
 use crate::stats::Progress;
 
 /// Every run (step) gets its own number, stamped into its messages, so
@@ -151,6 +152,9 @@ pub async fn run_step(target: &Target, pairs: &[Pair], cfg: &StepConfig) -> Step
     });
     let _line = progress.report_every_second(cfg.quiet);
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The server's CPU over the measured window: from here (connections are
+    // up, nothing sent yet) until every sender has its answers.
+    let cpu_mark = target.pid.and_then(CpuMark::now);
     let mut tasks = Vec::new();
     for (i, rw, sw) in connected {
         let plan = Plan::new(i, n, cfg.rate, cfg.duration);
@@ -177,6 +181,7 @@ pub async fn run_step(target: &Target, pairs: &[Pair], cfg: &StepConfig) -> Step
     }
     // Every copy answered 200 should be at its receiver by now or shortly.
     let answered_ok: u64 = ends.values().map(|s| s.answered_ok()).sum();
+    result.server_cpu = cpu_mark.and_then(|m| m.since(answered_ok));
     let settle = Instant::now() + Duration::from_secs(2);
     while progress.get(DELIVERED) < answered_ok && Instant::now() < settle {
         tokio::time::sleep(Duration::from_millis(10)).await;
