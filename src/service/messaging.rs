@@ -90,14 +90,20 @@ pub async fn prepare(
     // A device deleted since it authenticated (or since its socket opened)
     // sends nothing more.
     let own = state.directory.devices(&state.pool, sender.account).await?;
-    if !own.is_some_and(|set| set.contains_key(&sender.device.0)) {
-        return Err(ApiError::Unauthorized);
-    }
-    let current = state
-        .directory
-        .devices(&state.pool, dest)
-        .await?
-        .ok_or(ApiError::NotFound("no such account"))?;
+    let own = match own {
+        Some(set) if set.contains_key(&sender.device.0) => set,
+        _ => return Err(ApiError::Unauthorized),
+    };
+    // A send to one's own account needs no second lookup.
+    let current = if dest == sender.account {
+        own
+    } else {
+        state
+            .directory
+            .devices(&state.pool, dest)
+            .await?
+            .ok_or(ApiError::NotFound("no such account"))?
+    };
     let requested: Vec<(u32, i64)> = send
         .copies
         .iter()
