@@ -149,6 +149,18 @@ pub async fn register_many(
     }
 }
 
+/// Opens a WebSocket for each of `devices` and reads each to its
+/// `queue-empty`, so they are live before the caller sends.
+pub async fn connect_all(addr: SocketAddr, devices: &[Device]) -> anyhow::Result<Vec<Ws>> {
+    let mut sockets = Vec::with_capacity(devices.len());
+    for d in devices {
+        let mut ws = connect(addr, d, None).await?;
+        drain_until_queue_empty(&mut ws, IO_TIMEOUT, None).await?;
+        sockets.push(ws);
+    }
+    Ok(sockets)
+}
+
 /// Opens `GET /v1/websocket` as `device`, optionally from `source` (any
 /// 127.0.0.0/8 address: the loopback interface owns the whole block).
 pub async fn connect(

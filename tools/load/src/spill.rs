@@ -25,8 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{
-    self, close_quietly, drain_until_queue_empty, send_frame, Answer, Device, PayloadMaker,
-    ServerFrame, Stamp, Ws,
+    self, close_quietly, send_frame, Answer, Device, PayloadMaker, ServerFrame, Stamp, Ws,
 };
 use crate::stats::{per_sec, round1, Latency, Progress, Report};
 
@@ -102,12 +101,7 @@ pub async fn run(
     let (recipients, senders) = devices.split_at(k);
     let recipients: Arc<Vec<Device>> = Arc::new(recipients.to_vec());
 
-    let mut sockets = Vec::with_capacity(s);
-    for d in senders {
-        let mut ws = client::connect(addr, d, None).await?;
-        drain_until_queue_empty(&mut ws, client::IO_TIMEOUT, None).await?;
-        sockets.push(ws);
-    }
+    let sockets = client::connect_all(addr, senders).await?;
 
     // ---- fill ----
     let progress = Progress::new("spill", &["sent", "queued", "other"], 1);

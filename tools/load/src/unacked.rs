@@ -93,12 +93,7 @@ pub async fn run(server: &Courier, args: &UnackedArgs, quiet: bool) -> anyhow::R
     let rss_start = server.rss_kib();
 
     // ---- fill B's mailbox ----
-    let mut sockets = Vec::with_capacity(senders.len());
-    for d in senders {
-        let mut ws = client::connect(addr, d, None).await?;
-        drain_until_queue_empty(&mut ws, client::IO_TIMEOUT, None).await?;
-        sockets.push(ws);
-    }
+    let sockets = client::connect_all(addr, senders).await?;
     let progress = Progress::new("fill", &["sent", "queued", "other"], 1);
     let payload = Arc::new(PayloadMaker::new(args.size));
     let start = Instant::now();
