@@ -317,3 +317,74 @@ async fn readyz_of_a_member_is_ready_while_redis_answers() {
         assert_eq!(v["status"], "ready");
     }
 }
+
+/// Redis stops: a send through node 1 to a device connected to node 2 is
+/// still accepted and stored (`queued`), node 1 says it is not ready; when
+/// Redis is back (empty), node 2 re-announces its connection and pushes
+/// the copy stored meanwhile to the device without a reconnection, and
+/// cross-node sends are live again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_outage_copies_stored_meanwhile_reach_the_live_connection() {
+    if !cluster_available() {
+        return;
+    }
+    let Some(mut redis) = common::cluster::PrivateRedis::start() else {
+        return;
+    };
+    let db = Database::fresh(Backend::Postgres);
+    let name = common::cluster::unique_cluster_name();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let config = common::cluster::node_config(&db, &redis.url(), &name, &|_| {});
+        nodes.push(TestServer::launch_node(config).await);
+    }
+    let sender = TestDevice::register(&nodes[0]).await;
+    let receiver = TestDevice::register(&nodes[0]).await;
+    let mut rx = connect_empty(&at(&receiver, &nodes[1])).await;
+
+    redis.stop();
+    let ready = || async {
+        reqwest::get(nodes[0].url("/readyz"))
+            .await
+            .unwrap()
+            .status()
+    };
+    within("readyz 503 without Redis", async {
+        while ready().await != StatusCode::SERVICE_UNAVAILABLE {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let (status, body) = sender
+        .send(&receiver.uuid, &[receiver.target()], b"during the outage")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"][0]["status"], "queued", "{body}");
+
+    redis.restart();
+    let v = within("the stored copy, pushed live", rx.next_json()).await;
+    assert_eq!(v["op"], "message", "{v}");
+    assert_eq!(content_of(&v["envelope"]), b"during the outage");
+    rx.ack(v["envelope"]["guid"].as_str().unwrap()).await;
+    within("readyz 200 again", async {
+        while ready().await != StatusCode::OK {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // Live across nodes again (node 2's presence was announced anew).
+    let send = {
+        let (sender, receiver) = (sender.clone(), receiver.clone());
+        tokio::spawn(async move {
+            sender
+                .send(&receiver.uuid, &[receiver.target()], b"after the outage")
+                .await
+        })
+    };
+    let v = rx.next_json().await;
+    assert_eq!(content_of(&v["envelope"]), b"after the outage");
+    rx.ack(v["envelope"]["guid"].as_str().unwrap()).await;
+    let (_, body) = within("the send after", send).await.unwrap();
+    assert_eq!(body["results"][0]["status"], "delivered", "{body}");
+    mailbox_empties(&at(&receiver, &nodes[0])).await;
+}

@@ -27,7 +27,7 @@ use actix::{
 };
 use tokio::sync::oneshot;
 
-use super::mailbox::MailboxWriter;
+use super::mailbox::{spill_status, MailboxWriter};
 use super::router::{Route, RouteReply, Router, Via};
 use crate::cluster::packet::{Confirmation, Packet, Removed};
 use crate::cluster::{Bus, BusError, Holder, NodeId};
@@ -184,6 +184,37 @@ impl Relay {
         self.spill(p.dest, p.envelope, p.ephemeral, p.reply);
     }
 
+    /// The fallback for a copy whose holder heard it but did not confirm in
+    /// time: store it, and once it is committed tell the holder, whose
+    /// connection may still be live and would otherwise see the copy only
+    /// on its next connection.
+    fn spill_overdue(&self, p: Pending) {
+        if p.ephemeral {
+            return self.spill_pending(p);
+        }
+        self.metrics.cluster_fallback_spills.inc();
+        let (stored_tx, stored) = oneshot::channel();
+        let reply = p.reply;
+        self.writer.spill_then(
+            p.dest,
+            p.envelope,
+            Box::new(move |outcome| {
+                let ok = outcome.is_ok();
+                let _ = reply.send(spill_status(outcome));
+                let _ = stored_tx.send(ok);
+            }),
+        );
+        let (bus, holder, device) = (self.bus.clone(), p.holder, p.dest);
+        actix::spawn(async move {
+            if stored.await == Ok(true) {
+                let poke = Packet::Stored {
+                    device: device.into(),
+                };
+                let _ = bus.send(vec![(holder.node, poke)]).await;
+            }
+        });
+    }
+
     /// Locates and forwards the queued copies, one batch at a time.
     fn flush(&mut self, ctx: &mut Context<Self>) {
         if self.busy || self.queue.is_empty() {
@@ -281,7 +312,7 @@ impl Relay {
                     "no confirmation from {} in time; storing the copy",
                     p.holder.node
                 );
-                self.spill_pending(p);
+                self.spill_overdue(p);
             }
         }
     }

@@ -138,6 +138,12 @@ pub enum Packet {
     Applied {
         id: u64,
     },
+    /// A copy for `device`, which the receiving node holds, was stored
+    /// without reaching it (its confirmation came too late): have the
+    /// device's connection read its mailbox again.
+    Stored {
+        device: Device,
+    },
 }
 
 /// What a `Changed` packet removed.

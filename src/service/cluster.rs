@@ -9,7 +9,7 @@ use actix::Addr;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actors::relay::{Announce, Applied, Confirmed, Evicted, Relay};
-use crate::actors::router::{CloseDevices, EvictLocal, LocalSessions, Route, Via};
+use crate::actors::router::{CloseDevices, EvictLocal, LocalSessions, RescanAt, Route, Via};
 use crate::cluster::packet::{Confirmation, Packet, Removed};
 use crate::cluster::{Bus, Event, Holder, NodeId};
 use crate::domain::address::{AccountId, Address, DeviceId};
@@ -19,6 +19,9 @@ use crate::service::state::State;
 /// not answered by then is dead or cut off from the bus, and a node cut
 /// off from the bus caches nothing (`Directory::distrust`).
 const ANNOUNCE_GRACE: Duration = Duration::from_secs(2);
+/// Re-announcing after an outage: how often, how far apart.
+const REANNOUNCE_ATTEMPTS: u32 = 20;
+const REANNOUNCE_PAUSE: Duration = Duration::from_millis(250);
 /// How long an evicted connection may take to spill before the new one
 /// (on another node) is told to go ahead anyway.
 const EVICT_GRACE: Duration = Duration::from_secs(1);
@@ -112,6 +115,9 @@ pub async fn dispatch(state: State, mut events: mpsc::Receiver<Event>) {
                     });
                 }
                 Packet::Applied { id } => relay.do_send(Applied { id }),
+                Packet::Stored { device } => state.router.do_send(RescanAt {
+                    address: Some(device.into()),
+                }),
             },
         }
     }
@@ -124,7 +130,8 @@ async fn reply_to(bus: &dyn Bus, node: NodeId, packet: Packet) {
 
 /// After a bus outage (Redis may have restarted empty): record this node's
 /// connections again. A device that connected elsewhere meanwhile keeps
-/// that newer connection; this node's is closed with 4409.
+/// that newer connection; this node's is closed with 4409. The others read
+/// their mailboxes again.
 async fn reannounce(state: State) {
     let Some(cluster) = state.cluster.as_ref() else {
         return;
@@ -137,13 +144,29 @@ async fn reannounce(state: State) {
         .iter()
         .map(|&(address, conn)| (address, Holder { node, conn }))
         .collect();
-    match cluster.bus.claim_if_free(claims).await {
+    // The command connection may still be failing over to the new Redis:
+    // try for a few seconds, while the subscription stays up.
+    let mut attempt = 0;
+    let claimed = loop {
+        match cluster.bus.claim_if_free(claims.clone()).await {
+            Err(e) if attempt < REANNOUNCE_ATTEMPTS && cluster.bus.is_up() => {
+                log::debug!("{e}; re-announcing again shortly");
+                attempt += 1;
+                tokio::time::sleep(REANNOUNCE_PAUSE).await;
+            }
+            result => break result,
+        }
+    };
+    match claimed {
         Ok(others) => {
             for ((address, conn), other) in sessions.into_iter().zip(others) {
                 if other.is_some() {
                     state.router.do_send(EvictLocal { address, conn });
                 }
             }
+            // Copies for these devices were stored meanwhile by nodes that
+            // could not find them: push them now, not on the next connection.
+            state.router.do_send(RescanAt { address: None });
         }
         Err(e) => {
             state.metrics.bus_errors.inc();

@@ -48,12 +48,28 @@ pub struct AckLive {
     pub guid: Uuid,
 }
 
+/// From the router to a live session: copies for its device were stored
+/// while it was connected (in a cluster: by a node that could not reach
+/// it), so read the mailbox again and push what it does not hold yet.
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Rescan;
+
 /// What the router keeps of a session: where to send each message.
 #[derive(Clone)]
 pub struct SessionHandle {
     pub deliver: Recipient<Deliver>,
     pub close: Recipient<Close>,
     pub ack: Recipient<AckLive>,
+    pub rescan: Recipient<Rescan>,
+}
+
+/// From the cluster: have `address`'s session here rescan its mailbox
+/// (`None`: every session here, after a bus outage).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RescanAt {
+    pub address: Option<Address>,
 }
 
 /// A future the new session must wait for before it reads the mailbox.

@@ -259,6 +259,25 @@ impl Handler<EvictLocal> for Router {
     }
 }
 
+impl Handler<RescanAt> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: RescanAt, _: &mut Context<Self>) {
+        match msg.address {
+            Some(address) => {
+                if let Some(entry) = self.sessions.get(&address) {
+                    entry.session.rescan.do_send(Rescan);
+                }
+            }
+            None => {
+                for entry in self.sessions.values() {
+                    entry.session.rescan.do_send(Rescan);
+                }
+            }
+        }
+    }
+}
+
 impl Handler<LocalSessions> for Router {
     type Result = Vec<(Address, u64)>;
 
