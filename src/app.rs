@@ -17,6 +17,7 @@ use actix_web::{web, App, HttpServer};
 use crate::actors::keys::KeysActor;
 use crate::actors::mailbox::quota::Quota;
 use crate::actors::mailbox::MailboxWriter;
+use crate::actors::rendezvous::{DrainChannels, RendezvousHub};
 use crate::actors::router::{Drain, Router};
 use crate::config::Config;
 use crate::limits::Limiters;
@@ -100,6 +101,7 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
     let quota = Quota::new(config.mailbox_max_messages, config.device_cache_ttl());
     let (writer, _writer_thread) = MailboxWriter::start(pool.clone(), metrics.clone(), quota);
     let router = Router::new(writer.clone(), metrics.clone()).start();
+    let rendezvous = RendezvousHub::new(metrics.clone()).start();
     let key_shards = match backend {
         store::Backend::Postgres(_) => crate::actors::keys::PG_SHARDS,
         store::Backend::Sqlite(_) => 1,
@@ -109,6 +111,7 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
         config: config.clone(),
         pool,
         router,
+        rendezvous,
         keys,
         writer,
         limits: Limiters::new(config.rate_limits, &config.limits, metrics.clone()),
@@ -167,6 +170,8 @@ async fn drain(state: &State, handle: &ServerHandle) {
     systemd::stopping("draining");
     state.draining.store(true, Ordering::Release);
     handle.pause().await;
+    // Rendezvous sides hold nothing to spill: they are closed with 1001.
+    let _ = state.rendezvous.send(DrainChannels).await;
     let timeout = state.config.drain_timeout();
     let drained = actix_web::rt::time::timeout(timeout, state.router.send(Drain)).await;
     if drained.is_err() {

@@ -6,8 +6,10 @@
 //! - [`keys::KeysActor`]: serialises prekey access and group-commits it (dedicated thread).
 //! - [`mailbox::MailboxWriter`]: group-commits mailbox writes (dedicated thread).
 //! - [`group_commit::GroupCommit`]: the batch-and-commit thread both storage workers use.
+//! - [`rendezvous::RendezvousHub`]: the rendezvous channels (two sides each, frames relayed).
 
 pub mod group_commit;
 pub mod keys;
 pub mod mailbox;
+pub mod rendezvous;
 pub mod router;
