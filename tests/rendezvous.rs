@@ -83,6 +83,14 @@ fn refused_or(
     }
 }
 
+/// The status and body of a refused join.
+fn refused(joined: Result<Socket, (u16, Value)>) -> (u16, Value) {
+    match joined {
+        Ok(_) => panic!("the join was not refused"),
+        Err(refusal) => refusal,
+    }
+}
+
 async fn join(d: &TestDevice, channel: &str) -> Socket {
     try_join(d, channel)
         .await
@@ -312,7 +320,7 @@ async fn a_third_side_is_refused_409_and_a_slot_is_never_reused(backend: Backend
     let channel = channel(&alice).await;
     let mut a = join(&alice, &channel).await;
     let mut b = join(&bob, &channel).await;
-    let (status, body) = try_join(&carol, &channel).await.err().expect("refused");
+    let (status, body) = refused(try_join(&carol, &channel).await);
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"], "channel_full", "{body}");
     // Bob leaves: his place stays his, so Carol still cannot take it (one
@@ -320,11 +328,11 @@ async fn a_third_side_is_refused_409_and_a_slot_is_never_reused(backend: Backend
     b.close(None).await.expect("close");
     expect_op(&mut a, "peer-joined").await;
     expect_op(&mut a, "peer-left").await;
-    let (status, _) = try_join(&carol, &channel).await.err().expect("refused");
+    let (status, _) = refused(try_join(&carol, &channel).await);
     assert_eq!(status, 409);
     // Alice's frames now go nowhere, and the channel stays until she leaves.
     send(&mut a, b"anyone?".to_vec()).await;
-    let (status, _) = try_join(&carol, &channel).await.err().expect("refused");
+    let (status, _) = refused(try_join(&carol, &channel).await);
     assert_eq!(status, 409);
     a.close(None).await.expect("close");
     until_gone(&carol, &channel).await;
@@ -336,7 +344,7 @@ async fn unknown_and_malformed_channels_are_404(backend: Backend) {
     let real = channel(&alice).await;
     let unknown = format!("{:08}", (real.parse::<u32>().unwrap() + 1) % 100_000_000);
     for id in [unknown.as_str(), "1234567", "123456789", "abcdefgh"] {
-        let (status, body) = try_join(&alice, id).await.err().expect("refused");
+        let (status, body) = refused(try_join(&alice, id).await);
         assert_eq!(status, 404, "{id}: {body}");
         assert_eq!(body["error"], "not_found", "{id}: {body}");
     }
@@ -360,7 +368,7 @@ async fn an_expired_channel_closes_its_sides_and_is_gone(backend: Backend) {
     let channel = body["channel"].as_str().unwrap().to_owned();
     let mut a = join(&alice, &channel).await;
     assert_eq!(expect_closed(&mut a).await, Some(1000), "closed at expiry");
-    let (status, body) = try_join(&bob, &channel).await.err().expect("refused");
+    let (status, body) = refused(try_join(&bob, &channel).await);
     assert_eq!(status, 404, "{body}");
     assert_eq!(metric(&server, "rendezvous_channels_open").await, 0);
 }
@@ -451,10 +459,10 @@ async fn creating_and_joining_are_rate_limited_per_account(backend: Backend) {
         .find(|id| ![first.as_str(), second.as_str(), bobs.as_str()].contains(&id.as_str()))
         .unwrap();
     for guess in [unknown.as_str(), "1234567", "zzzzzzzz"] {
-        let (status, _) = try_join(&alice, guess).await.err().expect("refused");
+        let (status, _) = refused(try_join(&alice, guess).await);
         assert_eq!(status, 404, "{guess}");
     }
-    let (status, body) = try_join(&alice, &first).await.err().expect("refused");
+    let (status, body) = refused(try_join(&alice, &first).await);
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"], "rate_limited", "{body}");
     // Bob is not limited by Alice's guesses.
@@ -466,18 +474,18 @@ async fn joining_needs_credentials(backend: Backend) {
     let alice = TestDevice::register(&server).await;
     let channel = channel(&alice).await;
     let url = server.ws_url(&format!("/v1/rendezvous/{channel}"));
-    let (status, body) = refused_or(tokio_tungstenite::connect_async(url.as_str()).await)
-        .err()
-        .expect("refused");
+    let (status, body) = refused(refused_or(
+        tokio_tungstenite::connect_async(url.as_str()).await,
+    ));
     assert_eq!(status, 401, "{body}");
     let wrong = format!(
         "{url}?login={}&password={}",
         percent(&alice.login()),
         percent("not-the-password-at-all")
     );
-    let (status, _) = refused_or(tokio_tungstenite::connect_async(wrong.as_str()).await)
-        .err()
-        .expect("refused");
+    let (status, _) = refused(refused_or(
+        tokio_tungstenite::connect_async(wrong.as_str()).await,
+    ));
     assert_eq!(status, 401);
     // The query-string login works as on /v1/websocket; the refusals above
     // took no place on the channel.
