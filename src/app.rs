@@ -17,11 +17,15 @@ use actix_web::{web, App, HttpServer};
 use crate::actors::keys::KeysActor;
 use crate::actors::mailbox::quota::Quota;
 use crate::actors::mailbox::MailboxWriter;
+use crate::actors::relay::Relay;
 use crate::actors::rendezvous::{DrainChannels, RendezvousHub};
-use crate::actors::router::{Drain, Router};
+use crate::actors::router::{Drain, Join, Router};
+use crate::cluster::redis::RedisBus;
+use crate::cluster::Bus;
 use crate::config::Config;
 use crate::limits::Limiters;
 use crate::metrics::Metrics;
+use crate::service::cluster::Cluster;
 use crate::service::credentials::Credentials;
 use crate::service::directory::Directory;
 use crate::service::state::{AppState, State};
@@ -102,6 +106,29 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
     let (writer, _writer_thread) = MailboxWriter::start(pool.clone(), metrics.clone(), quota);
     let router = Router::new(writer.clone(), metrics.clone()).start();
     let rendezvous = RendezvousHub::new(metrics.clone()).start();
+    let mut limits = Limiters::new(config.rate_limits, &config.limits, metrics.clone());
+    let (cluster, bus_events) = match &config.redis_url {
+        Some(url) => {
+            let (bus, events) = RedisBus::start(url, &config.cluster_name)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            log::info!("cluster member {} of {:?}", bus.node(), config.cluster_name);
+            limits = limits.with_shared(bus.clone());
+            let relay = Relay::new(
+                bus.clone(),
+                writer.clone(),
+                router.clone(),
+                metrics.clone(),
+                config.ack_timeout(),
+            )
+            .start();
+            router.do_send(Join {
+                bus: bus.clone(),
+                relay: relay.clone(),
+            });
+            (Some(Cluster { bus, relay }), Some(events))
+        }
+        None => (None, None),
+    };
     let key_shards = match backend {
         store::Backend::Postgres(_) => crate::actors::keys::PG_SHARDS,
         store::Backend::Sqlite(_) => 1,
@@ -114,12 +141,19 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
         rendezvous,
         keys,
         writer,
-        limits: Limiters::new(config.rate_limits, &config.limits, metrics.clone()),
+        limits,
         metrics,
         directory: Directory::new(config.device_cache_ttl()),
         credentials: Credentials::new(config.device_cache_ttl()),
+        cluster,
         draining: AtomicBool::new(false),
     });
+    if let Some(events) = bus_events {
+        // Until the bus is up, this node cannot hear other nodes' changes.
+        state.directory.distrust();
+        state.credentials.distrust();
+        actix_web::rt::spawn(crate::service::cluster::dispatch(state.clone(), events));
+    }
     Sweeper::new(state.clone()).start();
     if let Some(interval) = systemd::watchdog_interval() {
         actix_web::rt::spawn(async move {

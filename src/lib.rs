@@ -13,11 +13,14 @@
 //!   long-lived state; they never see the app's shared `State`.
 //! - [`domain`]: pure rules (addresses, Sesame device-set check, key checks, secrets).
 //! - [`store`]: every Diesel query, synchronous, for SQLite and PostgreSQL.
+//! - [`cluster`]: the bus between nodes (presence, packets, shared limits)
+//!   behind a trait of its own; Redis is its one implementation.
 //! - [`error`]: the SPEC's error bodies; [`limits`]: GCRA rate limits;
 //!   [`metrics`]: Prometheus; [`systemd`]: sd_notify.
 
 pub mod actors;
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod error;

@@ -23,6 +23,15 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     pub rendezvous_channels_open: IntGauge,
     pub rendezvous_frames_relayed: IntCounter,
+    /// Copies sent to the node holding their device.
+    pub cluster_forwards: IntCounter,
+    /// Forwarded copies that node confirmed (acknowledged or stored there).
+    pub cluster_confirmations: IntCounter,
+    /// Forwarded copies this node stored itself: no confirmation in time,
+    /// or nobody listening on the holder's channel.
+    pub cluster_fallback_spills: IntCounter,
+    /// Cluster bus calls that failed (the node fell back to acting alone).
+    pub bus_errors: IntCounter,
     pub http_requests: IntCounterVec,
     pub http_latency: HistogramVec,
 }
@@ -92,6 +101,22 @@ impl Metrics {
                 "one_time_keys_issued_total",
                 "One-time prekeys handed out",
                 &["kind"],
+            ),
+            cluster_forwards: counter(
+                "cluster_forwards_total",
+                "Copies forwarded to the node holding their device",
+            ),
+            cluster_confirmations: counter(
+                "cluster_confirmations_total",
+                "Forwarded copies confirmed by the holding node",
+            ),
+            cluster_fallback_spills: counter(
+                "cluster_fallback_spills_total",
+                "Forwarded copies stored by the accepting node for want of a confirmation",
+            ),
+            bus_errors: counter(
+                "cluster_bus_errors_total",
+                "Cluster bus (Redis) calls that failed",
             ),
             rate_limited: counter_vec(
                 "rate_limited_total",

@@ -422,12 +422,15 @@ fn config_command_masks_secrets_and_dist_file_is_the_defaults() {
             "COURIER_DATABASE_URL",
             "postgres://courier:hunter2@db/courier",
         )
+        .env("COURIER_REDIS_URL", "redis://:hunter3@redis:6379/0")
         .output()
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        !text.contains("super-secret-token") && !text.contains("hunter2"),
+        !text.contains("super-secret-token")
+            && !text.contains("hunter2")
+            && !text.contains("hunter3"),
         "{text}"
     );
     assert!(text.contains("registration_token = \"********\""), "{text}");

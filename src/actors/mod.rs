@@ -5,11 +5,14 @@
 //! [`crate::ws`]; the router knows it only by the messages it sends it.
 //! - [`keys::KeysActor`]: serialises prekey access and group-commits it (dedicated thread).
 //! - [`mailbox::MailboxWriter`]: group-commits mailbox writes (dedicated thread).
+//! - [`relay::Relay`]: in a cluster, every question to other nodes that
+//!   needs an answer (forwarded copies, evictions, announcements).
 //! - [`group_commit::GroupCommit`]: the batch-and-commit thread both storage workers use.
 //! - [`rendezvous::RendezvousHub`]: the rendezvous channels (two sides each, frames relayed).
 
 pub mod group_commit;
 pub mod keys;
 pub mod mailbox;
+pub mod relay;
 pub mod rendezvous;
 pub mod router;

@@ -53,6 +53,36 @@ impl Config {
                 return Err(out_of_range(name, value, &range));
             }
         }
+        if let Some(redis) = &self.redis_url {
+            if !redis.starts_with("redis://") && !redis.starts_with("rediss://") {
+                return Err(ConfigError::Invalid(
+                    "redis_url (COURIER_REDIS_URL) must be redis://HOST:PORT/DB".into(),
+                ));
+            }
+            // The members of a cluster share one durable store; a SQLite
+            // file is one machine's.
+            if !self.database_url.starts_with("postgres://")
+                && !self.database_url.starts_with("postgresql://")
+            {
+                return Err(ConfigError::Invalid(
+                    "redis_url (COURIER_REDIS_URL) makes a cluster, whose nodes share one \
+                     PostgreSQL database: set database_url to postgres://… (SQLite is one \
+                     machine's)"
+                        .into(),
+                ));
+            }
+        }
+        if self.cluster_name.is_empty()
+            || self.cluster_name.len() > 64
+            || !self
+                .cluster_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::Invalid(
+                "cluster_name must be 1 to 64 letters, digits, '-' or '_'".into(),
+            ));
+        }
         if self.registration_token.as_deref() == Some("") {
             return Err(ConfigError::Invalid(
                 "registration_token must not be empty (leave it unset for open registration)"

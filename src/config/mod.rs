@@ -81,6 +81,14 @@ pub struct Config {
     pub rate_limits: bool,
     /// Proxies whose `X-Forwarded-For` is believed for the client IP.
     pub trusted_proxies: Vec<IpAddr>,
+    /// `redis://HOST:PORT/DB`: makes this node a member of a cluster whose
+    /// members share one PostgreSQL `database_url` and this Redis (presence,
+    /// cross-node delivery, shared rate limits; nothing durable).
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel of the cluster, so several
+    /// clusters (or test runs) can share one Redis. Every member must use
+    /// the same one.
+    pub cluster_name: String,
     /// Per-key GCRA limits.
     pub limits: Limits,
 }
@@ -106,6 +114,8 @@ impl Default for Config {
             workers: 0,
             rate_limits: true,
             trusted_proxies: Vec::new(),
+            redis_url: None,
+            cluster_name: "courier".into(),
             limits: Limits::default(),
         }
     }
@@ -175,6 +185,7 @@ impl Config {
             shown.registration_token = Some("********".into());
         }
         shown.database_url = mask_url_password(&shown.database_url);
+        shown.redis_url = shown.redis_url.as_deref().map(mask_url_password);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

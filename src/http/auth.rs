@@ -134,7 +134,7 @@ impl FromRequest for Authenticated {
                         .map(Authenticated)
                 }
                 _ => {
-                    state.limits.auth_failure(ip)?;
+                    state.limits.auth_failure(ip).await?;
                     Err(ApiError::Unauthorized)
                 }
             }

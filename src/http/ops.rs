@@ -31,19 +31,26 @@ pub async fn healthz() -> HttpResponse {
 
 /// Readiness
 ///
-/// The database answers and the server is not draining.
+/// The database answers, the server is not draining and, in a cluster,
+/// the bus (Redis) is reachable.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "ops",
     responses(
         (status = 200, description = "Ready: `{\"status\": \"ready\"}`", body = Status),
-        (status = 503, description = "Draining, or the database does not answer", body = ErrorBody),
+        (status = 503, description = "Draining, the database does not answer, or (in a cluster) Redis is unreachable", body = ErrorBody),
     )
 )]
 pub async fn readyz(state: State) -> HttpResponse {
     if state.is_draining() {
         return actix_web::ResponseError::error_response(&ApiError::Unavailable);
+    }
+    // A member cut off from the bus still accepts sends (it stores them),
+    // but cannot deliver across nodes: a balancer should prefer others.
+    if state.cluster.as_ref().is_some_and(|c| !c.bus.is_up()) {
+        return HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"error": "unavailable", "message": "redis unreachable"}));
     }
     let ping = store::blocking(&state.pool, |conn| {
         store::with_conn!(conn, c => diesel::connection::SimpleConnection::batch_execute(c, "SELECT 1"))

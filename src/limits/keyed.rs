@@ -36,6 +36,11 @@ impl<K: Eq + Hash + Clone> Keyed<K> {
         }
     }
 
+    /// Its GCRA parameters (interval, tolerance), for a shared limiter.
+    pub(super) fn gcra(&self) -> (Duration, Duration) {
+        (self.interval, self.tolerance)
+    }
+
     pub(super) fn check(&self, key: K) -> Result<(), Duration> {
         self.check_at(key, Instant::now())
     }

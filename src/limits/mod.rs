@@ -16,7 +16,10 @@
 
 mod keyed;
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod rate;
@@ -169,11 +172,37 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Every limit the server enforces: one keyed limiter per [`Limit`].
+/// The answer of a shared limiter: admitted, or how long to wait; `Err` when
+/// the shared state cannot be reached.
+pub type LimitFuture = Pin<Box<dyn Future<Output = Result<Result<(), Duration>, ()>> + Send>>;
+
+/// GCRA state shared by every node of a cluster (the cluster bus implements
+/// it): one atomic step per check, on one clock.
+pub trait SharedLimits: Send + Sync {
+    /// Admits one request for `key` (already unique per limit) with the
+    /// given GCRA interval and tolerance.
+    fn admit(&self, key: String, interval: Duration, tolerance: Duration) -> LimitFuture;
+}
+
+/// A key's name in the shared state: the limit's name and the key, so one
+/// account's budget under two limits never mixes.
+fn shared_key(limit: Limit, key: Key) -> String {
+    match key {
+        Key::ClientIp(ip) => format!("{}:{ip}", limit.name()),
+        Key::Account(a) => format!("{}:{a}", limit.name()),
+        Key::AccountPair(a, b) => format!("{}:{a}:{b}", limit.name()),
+    }
+}
+
+/// Every limit the server enforces: one keyed limiter per [`Limit`]. In a
+/// cluster the state is the cluster's ([`SharedLimits`]); while it cannot
+/// be reached, each node falls back to its own limiters, so a limit is at
+/// worst per node, never off.
 pub struct Limiters {
     enabled: bool,
     metrics: Metrics,
     limiters: [Keyed<Key>; Limit::COUNT],
+    shared: Option<Arc<dyn SharedLimits>>,
 }
 
 impl Limiters {
@@ -183,12 +212,19 @@ impl Limiters {
             enabled,
             metrics,
             limiters: Limit::ALL.map(|limit| Keyed::new(limit.name(), rates[limit], MAX_KEYS)),
+            shared: None,
         }
+    }
+
+    /// Keeps the limits' state in `shared` (a cluster's) from now on.
+    pub fn with_shared(mut self, shared: Arc<dyn SharedLimits>) -> Self {
+        self.shared = Some(shared);
+        self
     }
 
     /// Admits one request under `limit` for `key`, a key of the limit's
     /// [`KeyKind`], or refuses it with `429` and how long to wait.
-    pub fn check(&self, limit: Limit, key: impl Into<Key>) -> Result<(), ApiError> {
+    pub async fn check(&self, limit: Limit, key: impl Into<Key>) -> Result<(), ApiError> {
         let key = match key.into() {
             Key::ClientIp(ip) => Key::ClientIp(client_key(ip)),
             key => key,
@@ -198,11 +234,28 @@ impl Limiters {
             return Ok(());
         }
         let limiter = &self.limiters[limit as usize];
-        limiter.check(key).map_err(|wait| {
-            self.metrics
-                .rate_limited
-                .with_label_values(&[limiter.name])
-                .inc();
+        let verdict = match &self.shared {
+            Some(shared) => {
+                let (interval, tolerance) = limiter.gcra();
+                match shared
+                    .admit(shared_key(limit, key), interval, tolerance)
+                    .await
+                {
+                    Ok(verdict) => verdict,
+                    Err(()) => {
+                        self.metrics.bus_errors.inc();
+                        limiter.check(key)
+                    }
+                }
+            }
+            None => limiter.check(key),
+        };
+        self.refusal(limiter.name, verdict)
+    }
+
+    fn refusal(&self, name: &'static str, verdict: Result<(), Duration>) -> Result<(), ApiError> {
+        verdict.map_err(|wait| {
+            self.metrics.rate_limited.with_label_values(&[name]).inc();
             ApiError::RateLimited {
                 // Whole seconds, rounded up, and never 0 (clients would spin).
                 retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),
@@ -210,45 +263,50 @@ impl Limiters {
         })
     }
 
-    pub fn register(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.check(Limit::RegisterPerIp, ip)
+    pub async fn register(&self, ip: IpAddr) -> Result<(), ApiError> {
+        self.check(Limit::RegisterPerIp, ip).await
     }
 
-    pub fn link(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.check(Limit::LinkPerIp, ip)
+    pub async fn link(&self, ip: IpAddr) -> Result<(), ApiError> {
+        self.check(Limit::LinkPerIp, ip).await
     }
 
     /// Counts one failed authentication; past the limit the client gets 429
     /// instead of 401, whatever it sends.
-    pub fn auth_failure(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.check(Limit::AuthFailuresPerIp, ip)
+    pub async fn auth_failure(&self, ip: IpAddr) -> Result<(), ApiError> {
+        self.check(Limit::AuthFailuresPerIp, ip).await
     }
 
-    pub fn send(&self, account: AccountId) -> Result<(), ApiError> {
-        self.check(Limit::SendsPerAccount, account)
+    pub async fn send(&self, account: AccountId) -> Result<(), ApiError> {
+        self.check(Limit::SendsPerAccount, account).await
     }
 
     /// Both the per-account and the per-(account, target) limit must allow it.
-    pub fn bundle_fetch(&self, account: AccountId, target: AccountId) -> Result<(), ApiError> {
-        self.check(Limit::BundleFetchPerAccount, account)?;
+    pub async fn bundle_fetch(
+        &self,
+        account: AccountId,
+        target: AccountId,
+    ) -> Result<(), ApiError> {
+        self.check(Limit::BundleFetchPerAccount, account).await?;
         if account != target {
-            self.check(Limit::BundleFetchPerPair, (account, target))?;
+            self.check(Limit::BundleFetchPerPair, (account, target))
+                .await?;
         }
         Ok(())
     }
 
-    pub fn provisioning(&self, account: AccountId) -> Result<(), ApiError> {
-        self.check(Limit::ProvisioningPerAccount, account)
+    pub async fn provisioning(&self, account: AccountId) -> Result<(), ApiError> {
+        self.check(Limit::ProvisioningPerAccount, account).await
     }
 
-    pub fn rendezvous_create(&self, account: AccountId) -> Result<(), ApiError> {
-        self.check(Limit::RendezvousCreatePerAccount, account)
+    pub async fn rendezvous_create(&self, account: AccountId) -> Result<(), ApiError> {
+        self.check(Limit::RendezvousCreatePerAccount, account).await
     }
 
     /// Counted for every join attempt, refused or not (so unknown channel
     /// ids cost as much as real ones).
-    pub fn rendezvous_join(&self, account: AccountId) -> Result<(), ApiError> {
-        self.check(Limit::RendezvousJoinPerAccount, account)
+    pub async fn rendezvous_join(&self, account: AccountId) -> Result<(), ApiError> {
+        self.check(Limit::RendezvousJoinPerAccount, account).await
     }
 
     /// Forgets every key whose bucket is full again (it would behave the
@@ -297,23 +355,23 @@ mod tests {
 
     /// Through the public entry points: every address of one /64 shares the
     /// per-IP budget, another /64 and another IPv4 address have their own.
-    #[test]
-    fn per_ip_limits_share_one_budget_per_64() {
+    #[tokio::test]
+    async fn per_ip_limits_share_one_budget_per_64() {
         let mut rates = Limits::default();
         rates[Limit::RegisterPerIp] = Rate::new(2, HOUR);
         let limits = Limiters::new(true, &rates, Metrics::new());
-        assert!(limits.register(ip("2001:db8:0:7::1")).is_ok());
-        assert!(limits.register(ip("2001:db8:0:7::2")).is_ok());
-        let refused = limits.register(ip("2001:db8:0:7:dead:beef:0:3"));
+        assert!(limits.register(ip("2001:db8:0:7::1")).await.is_ok());
+        assert!(limits.register(ip("2001:db8:0:7::2")).await.is_ok());
+        let refused = limits.register(ip("2001:db8:0:7:dead:beef:0:3")).await;
         assert!(
             matches!(refused, Err(ApiError::RateLimited { .. })),
             "{refused:?}"
         );
-        assert!(limits.register(ip("2001:db8:0:8::1")).is_ok());
-        assert!(limits.register(ip("192.0.2.1")).is_ok());
-        assert!(limits.register(ip("192.0.2.1")).is_ok());
-        assert!(limits.register(ip("192.0.2.1")).is_err());
-        assert!(limits.register(ip("192.0.2.2")).is_ok());
+        assert!(limits.register(ip("2001:db8:0:8::1")).await.is_ok());
+        assert!(limits.register(ip("192.0.2.1")).await.is_ok());
+        assert!(limits.register(ip("192.0.2.1")).await.is_ok());
+        assert!(limits.register(ip("192.0.2.1")).await.is_err());
+        assert!(limits.register(ip("192.0.2.2")).await.is_ok());
     }
 
     /// The table's names are the contract (`[limits]`, `COURIER_LIMIT_<NAME>`,
@@ -339,8 +397,8 @@ mod tests {
 
     /// Each limit is its own limiter, enforcing its own configured rate on a
     /// key of its kind, and nothing else's.
-    #[test]
-    fn each_limit_enforces_its_own_rate() {
+    #[tokio::test]
+    async fn each_limit_enforces_its_own_rate() {
         let account = AccountId::random();
         let other = AccountId::random();
         let key = |limit: Limit| match limit.key() {
@@ -353,12 +411,15 @@ mod tests {
             rates[limit] = Rate::new(n, HOUR);
             let limits = Limiters::new(true, &rates, Metrics::new());
             for i in 0..n {
-                assert!(limits.check(limit, key(limit)).is_ok(), "{limit:?} #{i}");
+                assert!(
+                    limits.check(limit, key(limit)).await.is_ok(),
+                    "{limit:?} #{i}"
+                );
             }
-            assert!(limits.check(limit, key(limit)).is_err(), "{limit:?}");
+            assert!(limits.check(limit, key(limit)).await.is_err(), "{limit:?}");
             for other_limit in Limit::ALL.into_iter().filter(|&l| l != limit) {
                 assert!(
-                    limits.check(other_limit, key(other_limit)).is_ok(),
+                    limits.check(other_limit, key(other_limit)).await.is_ok(),
                     "{limit:?} spent {other_limit:?}"
                 );
             }

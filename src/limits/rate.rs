@@ -70,7 +70,7 @@ impl fmt::Display for Rate {
         let secs = self.per.as_secs();
         let (n, unit) = [(86_400, "d"), (3600, "h"), (60, "min")]
             .into_iter()
-            .find(|(u, _)| secs % u == 0)
+            .find(|(u, _)| secs.is_multiple_of(*u))
             .map(|(u, name)| (secs / u, name))
             .unwrap_or((secs, "s"));
         if n == 1 {

@@ -4,11 +4,12 @@ use std::net::IpAddr;
 
 use subtle::ConstantTimeEq;
 
-use crate::actors::router::CloseDevices;
+use crate::cluster::packet::Removed;
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::domain::envelope::REGISTRATION_ID_RANGE;
 use crate::domain::secret;
 use crate::error::ApiError;
+use crate::service::cluster;
 use crate::service::state::State;
 use crate::store::{self, accounts::LinkRefusal, accounts::NewDevice};
 use crate::wire::{DeviceInfo, LinkRequest, ProvisioningCode, RegisterRequest, RegisteredDevice};
@@ -34,7 +35,7 @@ pub async fn register(
     ip: IpAddr,
     req: RegisterRequest,
 ) -> Result<RegisteredDevice, ApiError> {
-    state.limits.register(ip)?;
+    state.limits.register(ip).await?;
     if let Some(expected) = &state.config.registration_token {
         let given = req.registration_token.as_deref().unwrap_or("");
         if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
@@ -69,7 +70,7 @@ pub async fn provision(state: &State, device: Address) -> Result<ProvisioningCod
             "only the primary device can link devices",
         ));
     }
-    state.limits.provisioning(device.account)?;
+    state.limits.provisioning(device.account).await?;
     let code = secret::new_provisioning_code();
     let code_hash = secret::provisioning_code_hash(&code);
     let ttl_ms =
@@ -89,7 +90,7 @@ pub async fn link(
     ip: IpAddr,
     req: LinkRequest,
 ) -> Result<RegisteredDevice, ApiError> {
-    state.limits.link(ip)?;
+    state.limits.link(ip).await?;
     let registration_id = check_new_device(&req.password, req.registration_id)?;
     if req.code.is_empty() || req.code.len() > 64 {
         return Err(ApiError::Forbidden("invalid or expired linking code"));
@@ -110,7 +111,7 @@ pub async fn link(
     .await?;
     match linked {
         Ok(address) => {
-            state.directory.invalidate(address.account);
+            cluster::announce(state, address.account, None).await;
             log::info!("linked device {address}");
             Ok(RegisteredDevice {
                 uuid: address.account.to_string(),
@@ -168,16 +169,7 @@ pub async fn delete_device(
     if !removed {
         return Err(ApiError::NotFound("no such device"));
     }
-    state.directory.invalidate(device.account);
-    state.credentials.forget_device(victim);
-    state
-        .writer
-        .quota()
-        .forget(victim.account, Some(victim.device));
-    state.router.do_send(CloseDevices {
-        account: device.account,
-        device: Some(target),
-    });
+    cluster::announce(state, device.account, Some(Removed::Device(target.0))).await;
     log::info!("removed device {victim}");
     Ok(())
 }
@@ -193,13 +185,7 @@ pub async fn delete_account(state: &State, device: Address) -> Result<(), ApiErr
         store::accounts::delete_account(conn, device.account).map_err(ApiError::from)
     })
     .await?;
-    state.directory.invalidate(device.account);
-    state.credentials.forget_account(device.account);
-    state.writer.quota().forget(device.account, None);
-    state.router.do_send(CloseDevices {
-        account: device.account,
-        device: None,
-    });
+    cluster::announce(state, device.account, Some(Removed::Account)).await;
     log::info!("deleted account {}", device.account);
     Ok(())
 }
@@ -236,7 +222,7 @@ pub async fn authenticate(
         }
     };
     if !ok {
-        state.limits.auth_failure(ip)?;
+        state.limits.auth_failure(ip).await?;
         return Err(ApiError::Unauthorized);
     }
     let now = store::now_ms();

@@ -4,9 +4,10 @@
 //!
 //! A device's secret never changes, so a cached entry can only go stale by
 //! the device (or its account) being deleted: this process invalidates the
-//! entry when it deletes, after the commit, and entries expire after
-//! `device_cache_ttl_ms`, which bounds how long a deletion made by another
-//! process sharing the database goes unseen. A read begun before a deletion
+//! entry when it deletes, after the commit; in a cluster every node does so
+//! before the deletion is answered (`service::cluster`), and a node that
+//! cannot hear the others caches nothing ([`Credentials::distrust`]).
+//! Entries also expire after `device_cache_ttl_ms`. A read begun before a deletion
 //! can finish after it; [`Generations`] keep it from putting the deleted
 //! device back. Verification itself (salted SHA-256, constant-time compare)
 //! runs on every request; only the lookup is cached. Unknown devices are
@@ -32,6 +33,8 @@ struct Entry {
 struct Inner {
     accounts: HashMap<AccountId, HashMap<DeviceId, Entry>>,
     generations: Generations,
+    /// Off while this node may be missing other nodes' deletions.
+    distrusted: bool,
 }
 
 pub struct Credentials {
@@ -52,7 +55,11 @@ impl Credentials {
     }
 
     pub fn get(&self, address: Address) -> Option<StoredSecret> {
-        self.lock()
+        let inner = self.lock();
+        if inner.distrusted {
+            return None;
+        }
+        inner
             .accounts
             .get(&address.account)
             .and_then(|devices| devices.get(&address.device))
@@ -70,7 +77,7 @@ impl Credentials {
     /// was invalidated since (the read may predate a deletion).
     pub fn put(&self, address: Address, secret: StoredSecret, read_began: Generation) {
         let mut inner = self.lock();
-        if !inner.generations.unchanged(address.account, read_began) {
+        if inner.distrusted || !inner.generations.unchanged(address.account, read_began) {
             return;
         }
         if inner.accounts.len() >= MAX_ACCOUNTS {
@@ -105,6 +112,18 @@ impl Credentials {
         if let Some(devices) = inner.accounts.get_mut(&address.account) {
             devices.remove(&address.device);
         }
+    }
+
+    /// See [`super::directory::Directory::distrust`].
+    pub fn distrust(&self) {
+        let mut inner = self.lock();
+        inner.distrusted = true;
+        inner.generations.bump_all();
+        inner.accounts.clear();
+    }
+
+    pub fn trust(&self) {
+        self.lock().distrusted = false;
     }
 
     /// After `account` was deleted (and the deletion committed).

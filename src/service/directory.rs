@@ -10,8 +10,9 @@
 //! cached if it finishes after it ([`Generations`]), so on one process the
 //! cache is exact: from the moment a link or delete is answered, every send
 //! is checked against the new set. When several processes share one
-//! PostgreSQL database, another process's change is seen once the entry's
-//! TTL has run out.
+//! PostgreSQL database as a cluster, every change is announced to every node
+//! before it is answered (`service::cluster`), and while a node cannot hear
+//! those announcements it does not cache at all ([`Directory::distrust`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,8 @@ const MAX_ENTRIES: usize = 200_000;
 struct Inner {
     entries: HashMap<AccountId, (Instant, DeviceSet)>,
     generations: Generations,
+    /// Off while this node may be missing other nodes' invalidations.
+    distrusted: bool,
 }
 
 pub struct Directory {
@@ -58,7 +61,7 @@ impl Directory {
         inner
             .entries
             .get(&account)
-            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .filter(|(at, _)| !inner.distrusted && at.elapsed() < self.ttl)
             .map(|(_, set)| set.clone())
             .ok_or_else(|| inner.generations.noted(account))
     }
@@ -94,7 +97,7 @@ impl Directory {
         // A change answered while this read was in flight may not be in
         // `set`: use it for this send (which began before the change was
         // answered), but do not cache it.
-        if inner.generations.unchanged(account, began) {
+        if !inner.distrusted && inner.generations.unchanged(account, began) {
             if inner.entries.len() >= MAX_ENTRIES {
                 inner.entries.clear();
             }
@@ -110,5 +113,20 @@ impl Directory {
         let mut inner = self.lock();
         inner.generations.bump(account);
         inner.entries.remove(&account);
+    }
+
+    /// In a cluster, while this node cannot hear other nodes' changes (the
+    /// bus is down): forget everything and read every set from the database
+    /// until [`Directory::trust`]. Exact again, at a database read per send.
+    pub fn distrust(&self) {
+        let mut inner = self.lock();
+        inner.distrusted = true;
+        inner.generations.bump_all();
+        inner.entries.clear();
+    }
+
+    /// The bus is up again: other nodes' changes reach this node.
+    pub fn trust(&self) {
+        self.lock().distrusted = false;
     }
 }

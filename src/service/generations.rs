@@ -55,6 +55,14 @@ impl Generations {
         self.noted(account) == noted
     }
 
+    /// Invalidates every account at once (a cache that may have missed
+    /// invalidations, see [`super::directory::Directory::distrust`]).
+    pub fn bump_all(&mut self) {
+        for counter in self.counters.iter_mut() {
+            *counter = counter.wrapping_add(1);
+        }
+    }
+
     /// Called on every invalidation of `account`, after its change committed.
     pub fn bump(&mut self, account: AccountId) {
         let counter = &mut self.counters[Self::stripe(account)];

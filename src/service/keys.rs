@@ -57,7 +57,10 @@ pub async fn bundle(
                 .map_err(|_| ApiError::NotFound("no such device"))?,
         ),
     };
-    state.limits.bundle_fetch(requester.account, account)?;
+    state
+        .limits
+        .bundle_fetch(requester.account, account)
+        .await?;
     let bundle = state
         .keys
         .take(account, device)

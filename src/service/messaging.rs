@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::actors::mailbox::quota::{Reserve, Reserved};
 use crate::actors::mailbox::spill_status;
-use crate::actors::router::{AckAt, Route};
+use crate::actors::router::{AckAt, Route, Via};
 use crate::domain::address::{AccountId, Address};
 use crate::domain::device_set::{self, DeviceSetError};
 use crate::domain::envelope::{new_guid, validate_send, DeviceCopy, Envelope, SendRefusal};
@@ -85,7 +85,7 @@ pub async fn prepare(
         .parse()
         .map_err(|_| ApiError::bad_request("destination is not an account UUID"))?;
     let send = validate_send(body.into())?;
-    state.limits.send(sender.account)?;
+    state.limits.send(sender.account).await?;
 
     // A device deleted since it authenticated (or since its socket opened)
     // sends nothing more.
@@ -183,6 +183,7 @@ pub fn route(
             envelope: envelope.clone(),
             ephemeral,
             reply,
+            via: Via::Accepted,
         });
         waits.push((to, envelope, outcome, slots.next()));
     }

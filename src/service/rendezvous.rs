@@ -16,7 +16,7 @@ const UNKNOWN: ApiError = ApiError::NotFound("no such rendezvous channel (or its
 
 /// `POST /v1/rendezvous`: a new channel, alive for `rendezvous_ttl_secs`.
 pub async fn create(state: &State, device: Address) -> Result<RendezvousChannel, ApiError> {
-    state.limits.rendezvous_create(device.account)?;
+    state.limits.rendezvous_create(device.account).await?;
     let ttl = state.config.rendezvous_ttl();
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
     let expires_at = store::now_ms().saturating_add(ttl_ms);
@@ -40,7 +40,7 @@ pub async fn join(
     channel: &str,
     side: Side,
 ) -> Result<SideRef, ApiError> {
-    state.limits.rendezvous_join(device.account)?;
+    state.limits.rendezvous_join(device.account).await?;
     let channel: ChannelId = channel.parse().map_err(|()| UNKNOWN)?;
     match state.rendezvous.send(Join { channel, side }).await? {
         Ok(side) => Ok(side),

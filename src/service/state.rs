@@ -13,6 +13,7 @@ use crate::actors::router::Router;
 use crate::config::Config;
 use crate::limits::Limiters;
 use crate::metrics::Metrics;
+use crate::service::cluster::Cluster;
 use crate::service::credentials::Credentials;
 use crate::service::directory::Directory;
 use crate::store::Pool;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub directory: Directory,
     /// Cached stored secrets for authentication.
     pub credentials: Credentials,
+    /// Set when this node is a cluster member (`redis_url`).
+    pub cluster: Option<Cluster>,
     /// Set at the start of a graceful shutdown: `/readyz` answers 503 and
     /// new sends are refused.
     pub draining: AtomicBool,

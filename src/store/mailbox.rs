@@ -62,7 +62,12 @@ macro_rules! adjust_count {
     }};
 }
 
-/// One multi-row INSERT of `Row`s for either concrete backend.
+/// One multi-row INSERT of `Row`s for either concrete backend. A row whose
+/// guid the device already has is skipped, not an error: in a cluster the
+/// node that accepted a send spills a forwarded copy itself when the node
+/// holding the device does not confirm in time, and that node may have
+/// stored it too. Gives back the `(account, device_id)` of each row actually
+/// inserted, which is what `mailbox_counts` must count.
 macro_rules! insert_rows {
     ($c:expr, $rows:expr) => {{
         let values: Vec<_> = $rows
@@ -83,7 +88,9 @@ macro_rules! insert_rows {
             .collect();
         diesel::insert_into(mailbox::table)
             .values(values)
-            .execute($c)
+            .on_conflict_do_nothing()
+            .returning((mailbox::account, mailbox::device_id))
+            .get_results::<(String, i64)>($c)
     }};
 }
 
@@ -111,15 +118,14 @@ pub fn apply(conn: &mut Conn, writes: &[Write<'_>]) -> Result<Vec<Outcome>, Stor
             for w in writes {
                 match w {
                     Write::Insert { dest, envelope } => {
-                        *counts
-                            .entry((dest.account.as_db(), dest.device.as_db()))
-                            .or_default() += 1;
                         pending.push(row(*dest, envelope));
                         results.push(Outcome::Stored);
                     }
                     Write::Delete { dest, guid } => {
                         for chunk in pending.chunks(INSERT_CHUNK) {
-                            insert_rows!(c, chunk)?;
+                            for key in insert_rows!(c, chunk)? {
+                                *counts.entry(key).or_default() += 1;
+                            }
                         }
                         pending.clear();
                         let n = diesel::delete(mailbox::table)
@@ -139,7 +145,9 @@ pub fn apply(conn: &mut Conn, writes: &[Write<'_>]) -> Result<Vec<Outcome>, Stor
                 }
             }
             for chunk in pending.chunks(INSERT_CHUNK) {
-                insert_rows!(c, chunk)?;
+                for key in insert_rows!(c, chunk)? {
+                    *counts.entry(key).or_default() += 1;
+                }
             }
             for ((account, device), delta) in counts {
                 adjust_count!(c, &account, device, delta)?;

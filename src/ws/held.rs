@@ -102,6 +102,12 @@ impl Held {
         self.buffered.push_back(d);
     }
 
+    /// Whether the copy `guid` was pushed and waits for its ack, or waits
+    /// to be pushed.
+    pub fn holds(&self, guid: Uuid) -> bool {
+        self.pushed.contains_key(&guid) || self.buffered.iter().any(|d| d.envelope.guid == guid)
+    }
+
     /// A mailbox copy was pushed.
     pub fn push_stored(&mut self, guid: Uuid, bytes: usize) {
         if !self.pushed.contains_key(&guid) {

@@ -1,6 +1,12 @@
 //! The mailbox replay of a `DeviceSession`: page by page, never more than
 //! the held-copy bound ahead of the device's acks, then `queue-empty`, then
 //! the live copies that arrived meanwhile.
+//!
+//! A live session may also be asked to read its mailbox again (a rescan):
+//! in a cluster, a copy can be stored while its device is connected, by a
+//! node that could not reach it in time. The rescan reads the same way,
+//! pushes only what the session does not hold already, and sends no second
+//! `queue-empty` (there is exactly one per connection).
 
 use actix::{ActorFutureExt, AsyncContext, Context, WrapFuture};
 
@@ -18,7 +24,7 @@ impl DeviceSession {
     /// device holds as many unacknowledged copies as it may (then an ack,
     /// or an expired live copy, resumes it).
     pub(super) fn replay_page(&mut self, ctx: &mut Context<Self>) {
-        if self.loading || self.phase != Phase::Replaying || !self.held.can_replay() {
+        if self.loading || !self.reading() || !self.held.can_replay() {
             return;
         }
         let limit = REPLAY_PAGE.min(self.held.replay_room()).max(1);
@@ -35,7 +41,7 @@ impl DeviceSession {
         };
         ctx.spawn(load.into_actor(self).map(move |page, act, ctx| {
             act.loading = false;
-            if act.phase != Phase::Replaying {
+            if !act.reading() {
                 return;
             }
             let page = match page {
@@ -51,32 +57,66 @@ impl DeviceSession {
             let mut whole = true;
             for envelope in page.envelopes {
                 let bytes = envelope.content.len();
-                if !act.held.has_room(bytes) {
-                    whole = false;
-                    break;
+                // A rescan finds what this connection already pushed.
+                if !act.held.holds(envelope.guid) {
+                    if !act.held.has_room(bytes) {
+                        whole = false;
+                        break;
+                    }
+                    act.push(&envelope, ctx);
+                    act.held.push_stored(envelope.guid, bytes);
                 }
-                act.push(&envelope, ctx);
-                act.held.push_stored(envelope.guid, bytes);
                 act.cursor = Some(envelope.guid.hyphenated().to_string());
             }
-            if act.phase != Phase::Replaying {
+            if !act.reading() {
                 return;
             }
             if whole {
                 // Past unreadable rows too: the page's own last row.
                 act.cursor = page.cursor.or(act.cursor.take());
                 if last_page {
-                    return act.go_live(ctx);
+                    return act.finish_reading(ctx);
                 }
             }
             act.replay_page(ctx);
         }));
     }
 
-    /// Goes on with a paused replay, if there is room now.
+    /// Whether the mailbox is being read: the replay, or a rescan.
+    fn reading(&self) -> bool {
+        self.phase == Phase::Replaying || (self.phase == Phase::Live && self.rescanning)
+    }
+
+    /// Goes on with a paused replay or rescan, if there is room now.
     pub(super) fn resume_replay(&mut self, ctx: &mut Context<Self>) {
-        if self.phase == Phase::Replaying {
+        if self.reading() {
             self.replay_page(ctx);
+        }
+    }
+
+    /// Reads the mailbox again from its start (see the module's doc). Asked
+    /// while the replay or a rescan is under way, it runs once that ends:
+    /// the reading may already be past the copies it is about.
+    pub(super) fn rescan(&mut self, ctx: &mut Context<Self>) {
+        match self.phase {
+            Phase::Live if !self.rescanning => {
+                self.rescanning = true;
+                self.cursor = None;
+                self.replay_page(ctx);
+            }
+            Phase::Starting => {}
+            Phase::Replaying | Phase::Live => self.rescan_again = true,
+            Phase::Closing => {}
+        }
+    }
+
+    fn finish_reading(&mut self, ctx: &mut Context<Self>) {
+        if self.phase == Phase::Replaying {
+            self.go_live(ctx);
+        }
+        self.rescanning = false;
+        if std::mem::take(&mut self.rescan_again) {
+            self.rescan(ctx);
         }
     }
 

@@ -33,7 +33,7 @@ use super::gate::InflightGate;
 use super::held::{Acked, Held};
 use super::transport::{finish_or_cut, ConnSocket, Outbox};
 use crate::actors::router::{
-    AckLive, Close, Connect, Deliver, Disconnect, RouteReply, SessionHandle,
+    AckLive, Close, Connect, Deliver, Disconnect, Rescan, RouteReply, SessionHandle,
 };
 use crate::domain::address::Address;
 use crate::domain::envelope::Envelope;
@@ -101,6 +101,11 @@ pub struct DeviceSession {
     pub(super) cursor: Option<String>,
     /// A mailbox page is being read.
     pub(super) loading: bool,
+    /// Live, and reading the mailbox again (see [`Rescan`]).
+    pub(super) rescanning: bool,
+    /// A rescan was asked for while the replay (or a rescan) was under way
+    /// and may have passed the copies it is about.
+    pub(super) rescan_again: bool,
     /// The ack-deadline timer, when one is armed.
     deadline_timer: Option<SpawnHandle>,
     /// Completes when the previous send of this connection has been routed,
@@ -136,6 +141,8 @@ impl DeviceSession {
             held: Held::default(),
             cursor: None,
             loading: false,
+            rescanning: false,
+            rescan_again: false,
             deadline_timer: None,
             last_routed: None,
             settled: None,
@@ -312,7 +319,8 @@ impl DeviceSession {
         SessionHandle {
             deliver: addr.clone().recipient(),
             close: addr.clone().recipient(),
-            ack: addr.recipient(),
+            ack: addr.clone().recipient(),
+            rescan: addr.recipient(),
         }
     }
 }
@@ -418,6 +426,14 @@ impl Handler<Close> for DeviceSession {
             Close::Removed => self.close(close_code::REMOVED, "device removed", ctx),
             Close::Draining => self.close(close_code::GOING_AWAY, "server is shutting down", ctx),
         }
+    }
+}
+
+impl Handler<Rescan> for DeviceSession {
+    type Result = ();
+
+    fn handle(&mut self, _: Rescan, ctx: &mut Self::Context) {
+        self.rescan(ctx);
     }
 }
 

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod cluster;
 pub mod delivery;
 pub mod process;
 
@@ -197,6 +198,14 @@ impl TestServer {
 
     /// Starts a server on `config` and the already-existing `db`.
     pub async fn launch(config: Config, db: Database) -> TestServer {
+        let mut server = Self::launch_node(config).await;
+        server.db = Some(db);
+        server
+    }
+
+    /// Starts a server on `config` alone: its database is someone else's
+    /// (another node of a cluster owns it).
+    pub async fn launch_node(config: Config) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
@@ -214,7 +223,7 @@ impl TestServer {
         let server = TestServer {
             addr,
             config,
-            db: Some(db),
+            db: None,
             shutdown: Some(tx),
             thread: Some(thread),
         };

@@ -7,11 +7,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use actix::{Message, Recipient};
+use actix::{Addr, Message, Recipient};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::RouteReply;
+use crate::actors::relay::Relay;
+use crate::cluster::Bus;
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::domain::envelope::Envelope;
 
@@ -46,12 +48,28 @@ pub struct AckLive {
     pub guid: Uuid,
 }
 
+/// From the router to a live session: copies for its device were stored
+/// while it was connected (in a cluster: by a node that could not reach
+/// it), so read the mailbox again and push what it does not hold yet.
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Rescan;
+
 /// What the router keeps of a session: where to send each message.
 #[derive(Clone)]
 pub struct SessionHandle {
     pub deliver: Recipient<Deliver>,
     pub close: Recipient<Close>,
     pub ack: Recipient<AckLive>,
+    pub rescan: Recipient<Rescan>,
+}
+
+/// From the cluster: have `address`'s session here rescan its mailbox
+/// (`None`: every session here, after a bus outage).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RescanAt {
+    pub address: Option<Address>,
 }
 
 /// A future the new session must wait for before it reads the mailbox.
@@ -78,7 +96,22 @@ pub struct Disconnect {
     pub id: u64,
 }
 
-/// From the messaging service: deliver one copy live, or spill it.
+/// Where a routed copy comes from, which decides what happens when the
+/// device is not connected to this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Accepted by this node: in a cluster, find the device's node (the
+    /// relay); alone, or connected nowhere, store it.
+    Accepted,
+    /// Forwarded by another node, which keeps it until it hears back: if
+    /// the device is not here, the reply is dropped unanswered (`NotHere`).
+    Forwarded,
+    /// Came back `NotHere` once: one more search, then the mailbox.
+    Rerouted,
+}
+
+/// From the messaging service (or the cluster): deliver one copy live, or
+/// spill it.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Route {
@@ -87,7 +120,32 @@ pub struct Route {
     /// `online: true`: live only, never stored.
     pub ephemeral: bool,
     pub reply: RouteReply,
+    pub via: Via,
 }
+
+/// From the app, once, right after start: this node is a cluster member.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Join {
+    pub bus: Arc<dyn Bus>,
+    pub relay: Addr<Relay>,
+}
+
+/// From the cluster: a newer connection of `address` on another node took
+/// over; close connection `conn` here (4409) if it is still the live one.
+/// Resolves with its `Settled` (spilled) future, or `None` if it was not here.
+#[derive(Message)]
+#[rtype(result = "Option<Settled>")]
+pub struct EvictLocal {
+    pub address: Address,
+    pub conn: u64,
+}
+
+/// Every live connection here, as `(address, connection id)`: what this
+/// node re-announces to the cluster after a bus outage.
+#[derive(Message)]
+#[rtype(result = "Vec<(Address, u64)>")]
+pub struct LocalSessions;
 
 /// From the messaging service (HTTP `DELETE /v1/messages/{guid}`): ack a
 /// copy held by `dest`'s live session, if it holds it.

@@ -1,10 +1,13 @@
 //! `Router`: the map from `(account, device)` to the live session.
 //!
 //! It routes each copy to the device's session or, when the device is not
-//! connected, spills it to the mailbox writer; it replaces an older session
-//! of the same device; it drains every session at shutdown. It owns nothing
-//! else, never touches the database, and knows sessions only as the
-//! `Recipient`s of the messages it sends them ([`messages`]).
+//! connected, spills it to the mailbox writer (in a cluster: hands it to
+//! the relay, which finds the device's node); it replaces an older session
+//! of the same device, here or (through the relay) on another node; it
+//! records which devices this node holds in the cluster's presence; it
+//! drains every session at shutdown. It owns nothing else, never touches
+//! the database, and knows sessions only as the `Recipient`s of the
+//! messages it sends them ([`messages`]).
 
 pub mod messages;
 
@@ -13,13 +16,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{
-    Actor, ActorFutureExt, Context, Handler, ResponseActFuture, ResponseFuture, WrapFuture,
+    Actor, ActorFutureExt, Addr, Context, Handler, ResponseActFuture, ResponseFuture, WrapFuture,
 };
 use tokio::sync::oneshot;
 
 pub use messages::*;
 
 use super::mailbox::{MailboxWriter, StorageFailed};
+use super::relay::{EvictElsewhere, Forward, Relay};
+use crate::cluster::{Bus, Holder};
 use crate::domain::address::Address;
 use crate::domain::envelope::Envelope;
 use crate::metrics::Metrics;
@@ -41,11 +46,27 @@ struct Entry {
     settled: Option<oneshot::Receiver<()>>,
 }
 
+/// What the router needs of the cluster, when this node is a member.
+struct Membership {
+    bus: Arc<dyn Bus>,
+    relay: Addr<Relay>,
+}
+
+impl Membership {
+    fn holder(&self, conn: u64) -> Holder {
+        Holder {
+            node: self.bus.node(),
+            conn,
+        }
+    }
+}
+
 pub struct Router {
     sessions: HashMap<Address, Entry>,
     writer: MailboxWriter,
     metrics: Metrics,
     draining: bool,
+    cluster: Option<Membership>,
 }
 
 impl Router {
@@ -55,13 +76,24 @@ impl Router {
             writer,
             metrics,
             draining: false,
+            cluster: None,
         }
     }
 
     fn remove(&mut self, address: &Address) -> Option<Entry> {
         let entry = self.sessions.remove(address);
-        if entry.is_some() {
+        if let Some(e) = &entry {
             self.metrics.connected_devices.dec();
+            if let Some(cluster) = &self.cluster {
+                // Only if no newer connection claimed the device since.
+                let release = cluster.bus.release(*address, cluster.holder(e.id));
+                let metrics = self.metrics.clone();
+                actix::spawn(async move {
+                    if release.await.is_err() {
+                        metrics.bus_errors.inc();
+                    }
+                });
+            }
         }
         entry
     }
@@ -110,11 +142,43 @@ impl Handler<Connect> for Router {
             old.session.close.do_send(Close::Replaced);
             old.settled.take()
         });
+        // In a cluster: record this connection as the device's one, and
+        // have the one it replaces on another node (if any) close and spill.
+        let elsewhere = self.cluster.as_ref().map(|cluster| {
+            let claim = cluster.bus.claim(msg.address, cluster.holder(msg.id));
+            let (relay, node, address) = (cluster.relay.clone(), cluster.bus.node(), msg.address);
+            let metrics = self.metrics.clone();
+            async move {
+                match claim.await {
+                    Ok(Some(holder)) if holder.node != node => {
+                        log::info!(
+                            "{address} connected here; replacing its connection on node {}",
+                            holder.node
+                        );
+                        let _ = relay
+                            .send(EvictElsewhere {
+                                device: address,
+                                holder,
+                                grace: REPLACE_GRACE,
+                            })
+                            .await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        metrics.bus_errors.inc();
+                        log::warn!("{e}; {address} is connected here unannounced");
+                    }
+                }
+            }
+        });
         Some(Box::pin(async move {
             let _ = barrier.await;
             if let Some(settled) = previous_settled {
                 // An error means the old session is gone; it spilled when it stopped.
                 let _ = tokio::time::timeout(REPLACE_GRACE, settled).await;
+            }
+            if let Some(elsewhere) = elsewhere {
+                elsewhere.await;
             }
         }))
     }
@@ -134,16 +198,91 @@ impl Handler<Route> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: Route, _: &mut Context<Self>) {
-        match self.sessions.get(&msg.dest) {
-            // If the session died with this message in its queue, the reply is
-            // dropped unanswered and the messaging service spills the copy.
-            Some(entry) if !self.draining => entry.session.deliver.do_send(Deliver {
+        if let Some(entry) = self.sessions.get(&msg.dest).filter(|_| !self.draining) {
+            // If the session dies with this message in its queue, the reply
+            // is dropped unanswered and whoever routed it stores the copy.
+            entry.session.deliver.do_send(Deliver {
                 envelope: msg.envelope,
                 ephemeral: msg.ephemeral,
                 reply: msg.reply,
-            }),
+            });
+            return;
+        }
+        match (&self.cluster, msg.via) {
+            // Not here: the node that forwarded it routes it again.
+            (_, Via::Forwarded) => drop(msg.reply),
+            (Some(cluster), Via::Accepted | Via::Rerouted) if !self.draining => {
+                cluster.relay.do_send(Forward {
+                    dest: msg.dest,
+                    envelope: msg.envelope,
+                    ephemeral: msg.ephemeral,
+                    reply: msg.reply,
+                    last_try: msg.via == Via::Rerouted,
+                })
+            }
             _ => self.spill(msg.dest, msg.envelope, msg.ephemeral, msg.reply),
         }
+    }
+}
+
+impl Handler<Join> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: Join, _: &mut Context<Self>) {
+        self.cluster = Some(Membership {
+            bus: msg.bus,
+            relay: msg.relay,
+        });
+    }
+}
+
+impl Handler<EvictLocal> for Router {
+    type Result = Option<Settled>;
+
+    fn handle(&mut self, msg: EvictLocal, _: &mut Context<Self>) -> Self::Result {
+        // A later connection here than the one displaced stays.
+        if self.sessions.get(&msg.address).map(|e| e.id) != Some(msg.conn) {
+            return None;
+        }
+        let mut entry = self.sessions.remove(&msg.address)?;
+        self.metrics.connected_devices.dec();
+        log::info!(
+            "{} connected on another node; replacing session {}",
+            msg.address,
+            entry.id
+        );
+        entry.session.close.do_send(Close::Replaced);
+        let settled = entry.settled.take()?;
+        Some(Box::pin(async move {
+            let _ = settled.await;
+        }))
+    }
+}
+
+impl Handler<RescanAt> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: RescanAt, _: &mut Context<Self>) {
+        match msg.address {
+            Some(address) => {
+                if let Some(entry) = self.sessions.get(&address) {
+                    entry.session.rescan.do_send(Rescan);
+                }
+            }
+            None => {
+                for entry in self.sessions.values() {
+                    entry.session.rescan.do_send(Rescan);
+                }
+            }
+        }
+    }
+}
+
+impl Handler<LocalSessions> for Router {
+    type Result = Vec<(Address, u64)>;
+
+    fn handle(&mut self, _: LocalSessions, _: &mut Context<Self>) -> Self::Result {
+        self.sessions.iter().map(|(a, e)| (*a, e.id)).collect()
     }
 }
 
@@ -188,8 +327,11 @@ impl Handler<Drain> for Router {
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
         self.draining = true;
         let mut waits = Vec::with_capacity(self.sessions.len());
-        for (_, mut entry) in self.sessions.drain() {
-            self.metrics.connected_devices.dec();
+        let addresses: Vec<Address> = self.sessions.keys().copied().collect();
+        for address in addresses {
+            let Some(mut entry) = self.remove(&address) else {
+                continue;
+            };
             entry.session.close.do_send(Close::Draining);
             if let Some(settled) = entry.settled.take() {
                 waits.push(settled);
