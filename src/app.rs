@@ -18,6 +18,7 @@ use crate::actors::keys::KeysActor;
 use crate::actors::mailbox::quota::Quota;
 use crate::actors::mailbox::MailboxWriter;
 use crate::actors::relay::Relay;
+use crate::actors::rendezvous::{DrainChannels, RendezvousHub};
 use crate::actors::router::{Drain, Join, Router};
 use crate::cluster::redis::RedisBus;
 use crate::cluster::Bus;
@@ -104,6 +105,7 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
     let quota = Quota::new(config.mailbox_max_messages, config.device_cache_ttl());
     let (writer, _writer_thread) = MailboxWriter::start(pool.clone(), metrics.clone(), quota);
     let router = Router::new(writer.clone(), metrics.clone()).start();
+    let rendezvous = RendezvousHub::new(metrics.clone()).start();
     let mut limits = Limiters::new(config.rate_limits, &config.limits, metrics.clone());
     let (cluster, bus_events) = match &config.redis_url {
         Some(url) => {
@@ -136,6 +138,7 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
         config: config.clone(),
         pool,
         router,
+        rendezvous,
         keys,
         writer,
         limits,
@@ -201,6 +204,8 @@ async fn drain(state: &State, handle: &ServerHandle) {
     systemd::stopping("draining");
     state.draining.store(true, Ordering::Release);
     handle.pause().await;
+    // Rendezvous sides hold nothing to spill: they are closed with 1001.
+    let _ = state.rendezvous.send(DrainChannels).await;
     let timeout = state.config.drain_timeout();
     let drained = actix_web::rt::time::timeout(timeout, state.router.send(Drain)).await;
     if drained.is_err() {

@@ -23,6 +23,8 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("the identity key differs from the account's")]
     IdentityKeyMismatch,
+    #[error("this rendezvous channel already has its two sides")]
+    ChannelFull,
     #[error("the destination device set is not current")]
     MismatchedDevices { missing: Vec<u32>, extra: Vec<u32> },
     #[error("some destination devices have re-registered")]
@@ -55,9 +57,9 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::IdentityKeyMismatch | ApiError::MismatchedDevices { .. } => {
-                StatusCode::CONFLICT
-            }
+            ApiError::IdentityKeyMismatch
+            | ApiError::ChannelFull
+            | ApiError::MismatchedDevices { .. } => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::StaleDevices { .. } => StatusCode::GONE,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -77,6 +79,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::IdentityKeyMismatch => "identity_key_mismatch",
+            ApiError::ChannelFull => "channel_full",
             ApiError::MismatchedDevices { .. } => "mismatched_devices",
             ApiError::StaleDevices { .. } => "stale_devices",
             ApiError::TooLarge(_) => "too_large",
@@ -146,6 +149,7 @@ fn error_code_schema() -> utoipa::openapi::Object {
         Forbidden(""),
         NotFound(""),
         IdentityKeyMismatch,
+        ChannelFull,
         MismatchedDevices {
             missing: Vec::new(),
             extra: Vec::new(),
@@ -170,6 +174,7 @@ fn error_code_schema() -> utoipa::openapi::Object {
     for e in &every {
         match e {
             BadRequest(_) | Unauthorized | Forbidden(_) | NotFound(_) | IdentityKeyMismatch => {}
+            ChannelFull => {}
             MismatchedDevices { .. } | StaleDevices { .. } | TooLarge(_) | InvalidKey(_) => {}
             MethodNotAllowed { .. } | RateLimited { .. } | MailboxFull | Unavailable | Internal => {
             }

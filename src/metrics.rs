@@ -21,6 +21,8 @@ pub struct Metrics {
     pub bundle_fetches: IntCounter,
     pub one_time_keys_issued: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub rendezvous_channels_open: IntGauge,
+    pub rendezvous_frames_relayed: IntCounter,
     /// Copies sent to the node holding their device.
     pub cluster_forwards: IntCounter,
     /// Forwarded copies that node confirmed (acknowledged or stored there).
@@ -120,6 +122,14 @@ impl Metrics {
                 "rate_limited_total",
                 "Requests refused by a rate limit",
                 &["limit"],
+            ),
+            rendezvous_channels_open: gauge(
+                "rendezvous_channels_open",
+                "Rendezvous channels open now",
+            ),
+            rendezvous_frames_relayed: counter(
+                "rendezvous_frames_relayed_total",
+                "Binary frames passed from one rendezvous side to the other",
             ),
             http_requests: counter_vec(
                 "http_requests_total",

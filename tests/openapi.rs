@@ -34,8 +34,13 @@ const ROUTES: &[(&str, &str, bool)] = &[
     ("/v1/messages/{uuid}", "delete", true),
     ("/v1/messages", "get", true),
     ("/v1/websocket", "get", true),
+    ("/v1/rendezvous", "post", true),
+    ("/v1/rendezvous/{channel}", "get", true),
     ("/v1/openapi.json", "get", false),
 ];
+
+/// The WebSocket upgrades: their handshake's own 400 and 426 have no body.
+const WEBSOCKETS: [&str; 2] = ["/v1/websocket", "/v1/rendezvous/{channel}"];
 
 async fn document(server: &TestServer) -> Value {
     let res = http()
@@ -141,7 +146,7 @@ async fn every_route_is_listed_with_its_methods_and_security() {
             let response = resolve(&doc, response);
             let error_body = &response["content"]["application/json"]["schema"]["$ref"];
             if status.starts_with(['4', '5'])
-                && !(path == "/v1/websocket" && response["content"].is_null())
+                && !(WEBSOCKETS.contains(&path) && response["content"].is_null())
             {
                 assert_eq!(
                     error_body, "#/components/schemas/ErrorBody",
@@ -158,11 +163,17 @@ async fn every_route_is_listed_with_its_methods_and_security() {
             }
         }
     }
-    let ws = doc["paths"]["/v1/websocket"]["get"]["responses"]
+    for path in WEBSOCKETS {
+        let ws = doc["paths"][path]["get"]["responses"].as_object().unwrap();
+        for status in ["101", "401", "503"] {
+            assert!(ws.contains_key(status), "{path}: {status}");
+        }
+    }
+    let join = doc["paths"]["/v1/rendezvous/{channel}"]["get"]["responses"]
         .as_object()
         .unwrap();
-    for status in ["101", "401", "503"] {
-        assert!(ws.contains_key(status), "websocket: {status}");
+    for status in ["404", "409"] {
+        assert!(join.contains_key(status), "rendezvous join: {status}");
     }
 }
 
@@ -183,7 +194,8 @@ async fn the_server_serves_exactly_the_documented_methods() {
             .collect();
         let concrete = path
             .replace("{uuid}", "0191d5a4-3c5e-7b9a-8f00-000000000001")
-            .replace("{device_id}", "2");
+            .replace("{device_id}", "2")
+            .replace("{channel}", "12345678");
         for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
             let res = client
                 .request(
@@ -247,6 +259,7 @@ async fn error_body_schema_matches_the_bodies_errors_have() {
         ApiError::Forbidden("x"),
         ApiError::NotFound("x"),
         ApiError::IdentityKeyMismatch,
+        ApiError::ChannelFull,
         ApiError::MismatchedDevices {
             missing: vec![1],
             extra: vec![2],

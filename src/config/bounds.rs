@@ -12,7 +12,7 @@ impl Config {
     /// `Instant::now() + ack_timeout` panic on the first live push, a
     /// cache TTL of years would let another process's deleted device in for
     /// years. The ranges are wide; they only exclude nonsense.
-    pub fn numeric_keys(&self) -> [(&'static str, u64, RangeInclusive<u64>); 12] {
+    pub fn numeric_keys(&self) -> [(&'static str, u64, RangeInclusive<u64>); 13] {
         let wide = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
         [
             ("ack_timeout_ms", self.ack_timeout_ms, 10..=600_000),
@@ -38,6 +38,7 @@ impl Config {
                 self.provisioning_code_ttl_secs,
                 1..=86_400,
             ),
+            ("rendezvous_ttl_secs", self.rendezvous_ttl_secs, 1..=86_400),
             ("drain_timeout_ms", self.drain_timeout_ms, 1..=600_000),
             ("sweep_interval_secs", self.sweep_interval_secs, 1..=86_400),
             ("device_cache_ttl_ms", self.device_cache_ttl_ms, 0..=600_000),

@@ -62,6 +62,8 @@ pub struct Config {
     pub max_devices: u32,
     /// Lifetime of a device-linking code.
     pub provisioning_code_ttl_secs: u64,
+    /// Lifetime of a rendezvous channel.
+    pub rendezvous_ttl_secs: u64,
     /// Upper bound on a graceful drain after SIGTERM.
     pub drain_timeout_ms: u64,
     /// How often the retention sweeper runs.
@@ -104,6 +106,7 @@ impl Default for Config {
             max_one_time_keys: 1_000,
             max_devices: 16,
             provisioning_code_ttl_secs: 600,
+            rendezvous_ttl_secs: 600,
             drain_timeout_ms: 10_000,
             sweep_interval_secs: 600,
             device_cache_ttl_ms: 5_000,
@@ -161,6 +164,10 @@ impl Config {
 
     pub fn provisioning_code_ttl(&self) -> Duration {
         Duration::from_secs(self.provisioning_code_ttl_secs)
+    }
+
+    pub fn rendezvous_ttl(&self) -> Duration {
+        Duration::from_secs(self.rendezvous_ttl_secs)
     }
 
     pub fn device_cache_ttl(&self) -> Duration {

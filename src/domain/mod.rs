@@ -5,4 +5,5 @@ pub mod device_set;
 pub mod envelope;
 pub mod keys;
 pub mod prekeys;
+pub mod rendezvous;
 pub mod secret;

@@ -19,6 +19,7 @@ pub mod keys;
 pub mod messages;
 pub mod openapi;
 pub mod ops;
+pub mod rendezvous;
 pub mod websocket;
 
 /// Default JSON body limit.
@@ -90,6 +91,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource(
             "/v1/websocket",
             [(M::GET, web::to(websocket::connect))],
+        ))
+        .service(resource(
+            "/v1/rendezvous",
+            [(M::POST, web::to(rendezvous::create_channel))],
+        ))
+        .service(resource(
+            "/v1/rendezvous/{channel}",
+            [(M::GET, web::to(rendezvous::join_channel))],
         ))
         .service(resource(
             "/v1/openapi.json",

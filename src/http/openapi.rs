@@ -11,7 +11,7 @@ use actix_web::HttpResponse;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToResponse};
 
-use super::{accounts, devices, keys, messages, ops, websocket};
+use super::{accounts, devices, keys, messages, ops, rendezvous, websocket};
 use crate::error::ErrorBody;
 
 /// The name of the HTTP Basic scheme in the document.
@@ -41,6 +41,8 @@ pub const BASIC: &str = "basic";
         messages::ack_message,
         messages::get_messages,
         websocket::connect,
+        rendezvous::create_channel,
+        rendezvous::join_channel,
         openapi_json,
     ),
     components(responses(Unauthorized, RateLimited, Internal)),

@@ -88,6 +88,11 @@ limits! {
     BundleFetchPerPair: "bundle_fetch_per_pair", Rate::new(60, HOUR), AccountPair;
     /// Provisioning codes per account.
     ProvisioningPerAccount: "provisioning_per_account", Rate::new(20, HOUR), Account;
+    /// `POST /v1/rendezvous` (new channels) per account.
+    RendezvousCreatePerAccount: "rendezvous_create_per_account", Rate::new(10, MINUTE), Account;
+    /// `GET /v1/rendezvous/{channel}` per account, whether the channel exists
+    /// or not: bounds how fast anyone can guess channel ids.
+    RendezvousJoinPerAccount: "rendezvous_join_per_account", Rate::new(30, MINUTE), Account;
 }
 
 impl Limit {
@@ -294,6 +299,16 @@ impl Limiters {
         self.check(Limit::ProvisioningPerAccount, account).await
     }
 
+    pub async fn rendezvous_create(&self, account: AccountId) -> Result<(), ApiError> {
+        self.check(Limit::RendezvousCreatePerAccount, account).await
+    }
+
+    /// Counted for every join attempt, refused or not (so unknown channel
+    /// ids cost as much as real ones).
+    pub async fn rendezvous_join(&self, account: AccountId) -> Result<(), ApiError> {
+        self.check(Limit::RendezvousJoinPerAccount, account).await
+    }
+
     /// Forgets every key whose bucket is full again (it would behave the
     /// same if it had never been seen); returns how many were dropped.
     pub fn evict_replenished(&self) -> usize {
@@ -428,6 +443,8 @@ mod tests {
                 "bundle_fetch_per_account = 600/min",
                 "bundle_fetch_per_pair = 60/h",
                 "provisioning_per_account = 20/h",
+                "rendezvous_create_per_account = 10/min",
+                "rendezvous_join_per_account = 30/min",
             ]
         );
     }

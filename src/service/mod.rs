@@ -11,5 +11,6 @@ pub mod directory;
 pub mod generations;
 pub mod keys;
 pub mod messaging;
+pub mod rendezvous;
 pub mod state;
 pub mod sweeper;

@@ -8,6 +8,7 @@ use actix::Addr;
 
 use crate::actors::keys::KeysActor;
 use crate::actors::mailbox::MailboxWriter;
+use crate::actors::rendezvous::RendezvousHub;
 use crate::actors::router::Router;
 use crate::config::Config;
 use crate::limits::Limiters;
@@ -21,6 +22,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub pool: Pool,
     pub router: Addr<Router>,
+    /// The rendezvous channels.
+    pub rendezvous: Addr<RendezvousHub>,
     pub keys: KeysActor,
     pub writer: MailboxWriter,
     pub limits: Limiters,

@@ -61,6 +61,17 @@ pub struct ProvisioningCode {
     pub expires_at: i64,
 }
 
+/// A new rendezvous channel.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RendezvousChannel {
+    /// 8 decimal digits: the path of `GET /v1/rendezvous/{channel}`.
+    #[schema(pattern = "^[0-9]{8}$", example = "04817263")]
+    pub channel: String,
+    /// Milliseconds since the epoch.
+    pub expires_at: i64,
+}
+
 /// One device of the caller's account.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -12,6 +12,11 @@ use crate::domain::envelope::Envelope;
 
 // ---- WebSocket frames ----
 
+/// Rendezvous: sent to a side when the other side is there.
+pub const PEER_JOINED_FRAME: &str = r#"{"op":"peer-joined"}"#;
+/// Rendezvous: sent to a side when the other side has left.
+pub const PEER_LEFT_FRAME: &str = r#"{"op":"peer-left"}"#;
+
 /// Largest send body, as HTTP JSON or as one WebSocket frame: one ≤256 KiB
 /// copy per device, base64.
 pub const MAX_SEND_BYTES: usize = 8 * 1024 * 1024;

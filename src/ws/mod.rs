@@ -9,10 +9,12 @@
 //! - [`held`]: the copies a connection holds, bounded.
 //! - [`gate`]: backpressure on a connection's sends.
 //! - [`transport`]: the byte stream, which a stalled peer cannot freeze.
+//! - [`rendezvous`]: one side of a rendezvous channel (its own small actor).
 
 pub mod frames;
 pub mod gate;
 pub mod held;
+pub mod rendezvous;
 pub mod replay;
 pub mod session;
 pub mod transport;

@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 
 use super::gate::InflightGate;
 use super::held::{Acked, Held};
-use super::transport::{ConnSocket, Outbox};
+use super::transport::{finish_or_cut, ConnSocket, Outbox};
 use crate::actors::router::{
     AckLive, Close, Connect, Deliver, Disconnect, Rescan, RouteReply, SessionHandle,
 };
@@ -53,12 +53,15 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_UNSENT_BYTES: usize = 32 * 1024 * 1024;
 /// After a close, how long the close frame (and what precedes it) may take
 /// to drain before the connection is reset.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
+pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Close codes (RFC 6455 and courier's own, as in Signal-Server).
 pub mod close_code {
+    pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A kind of frame the endpoint does not take (a rendezvous side's text).
+    pub const UNSUPPORTED_DATA: u16 = 1003;
     pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
@@ -386,18 +389,7 @@ impl Actor for DeviceSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        self.outbox.finish();
-        // A peer that does not read never takes the close frame: reset the
-        // connection instead of leaving the dispatcher parked on it.
-        if let (false, Some(socket)) = (self.outbox.is_drained(), self.socket.take()) {
-            let outbox = self.outbox.clone();
-            actix::spawn(async move {
-                tokio::time::sleep(CLOSE_GRACE).await;
-                if !outbox.is_drained() {
-                    outbox.cut(socket);
-                }
-            });
-        }
+        finish_or_cut(&self.outbox, self.socket.take(), CLOSE_GRACE);
     }
 }
 

@@ -109,6 +109,10 @@ impl Outbox {
         self.queue(Message::Text(ByteString::from(text)));
     }
 
+    pub fn binary(&self, bytes: Bytes) {
+        self.queue(Message::Binary(bytes));
+    }
+
     pub fn ping(&self) {
         self.queue(Message::Ping(Bytes::new()));
     }
@@ -162,6 +166,22 @@ impl Outbox {
         if self.0.borrow().body_alive {
             let _ = nix::sys::socket::shutdown(socket.0, nix::sys::socket::Shutdown::Both);
         }
+    }
+}
+
+/// After a session has stopped: a peer that does not read never takes the
+/// close frame, so the connection is reset `grace` later if what was queued
+/// has still not been written, instead of leaving the dispatcher parked on it.
+pub fn finish_or_cut(outbox: &Outbox, socket: Option<ConnSocket>, grace: Duration) {
+    outbox.finish();
+    if let (false, Some(socket)) = (outbox.is_drained(), socket) {
+        let outbox = outbox.clone();
+        actix::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if !outbox.is_drained() {
+                outbox.cut(socket);
+            }
+        });
     }
 }
 

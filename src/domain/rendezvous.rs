@@ -1,0 +1,89 @@
+//! Rendezvous rules: channel ids and the bounds on what a channel relays.
+//!
+//! A channel id is 8 decimal digits drawn at random (10^8 ids), so ids are
+//! guessed only one join at a time, and joins are rate limited per account.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rand::{CryptoRng, Rng};
+
+/// How many ids there are: `00000000` to `99999999`.
+const ID_SPACE: u32 = 100_000_000;
+
+/// Largest binary frame a side may send (payload bytes). A bigger frame
+/// closes that side's socket with 1009.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// Frames held for a side that has not joined yet. One more closes the
+/// sender's socket with 1008.
+pub const MAX_HELD_FRAMES: usize = 16;
+
+/// A channel id: 8 decimal digits, leading zeros included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChannelId(u32);
+
+impl ChannelId {
+    /// A fresh id from `rng`, a CSPRNG: the id is all a stranger lacks to
+    /// join the channel.
+    pub fn new_random<R: Rng + CryptoRng>(rng: &mut R) -> ChannelId {
+        ChannelId(rng.gen_range(0..ID_SPACE))
+    }
+}
+
+impl fmt::Display for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08}", self.0)
+    }
+}
+
+/// Anything but exactly 8 ASCII digits is no channel.
+impl FromStr for ChannelId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        if s.len() != 8 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(());
+        }
+        s.parse().map(ChannelId).map_err(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_eight_digits_both_ways() {
+        let mut rng = rand::rngs::OsRng;
+        for _ in 0..1000 {
+            let id = ChannelId::new_random(&mut rng);
+            let shown = id.to_string();
+            assert_eq!(shown.len(), 8, "{shown}");
+            assert_eq!(shown.parse::<ChannelId>(), Ok(id));
+        }
+        assert_eq!(ChannelId(42).to_string(), "00000042");
+        assert_eq!("00000042".parse::<ChannelId>(), Ok(ChannelId(42)));
+        for bad in [
+            "",
+            "1234567",
+            "123456789",
+            "1234567a",
+            "+1234567",
+            " 1234567",
+            "１２３４５６７８",
+        ] {
+            assert!(bad.parse::<ChannelId>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ids_spread_over_the_whole_space() {
+        let mut rng = rand::rngs::OsRng;
+        let ids: std::collections::HashSet<_> =
+            (0..1000).map(|_| ChannelId::new_random(&mut rng)).collect();
+        assert!(ids.len() > 990, "{}", ids.len());
+        assert!(ids.iter().any(|id| id.0 < ID_SPACE / 2));
+        assert!(ids.iter().any(|id| id.0 >= ID_SPACE / 2));
+    }
+}
