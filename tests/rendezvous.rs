@@ -220,8 +220,19 @@ async fn run_pake(
     alice_code: &str,
     bob_code: &str,
 ) -> (Option<Vec<u8>>, Option<Vec<u8>>, Vec<u8>, Vec<u8>) {
-    let alice = TestDevice::register(server).await;
-    let bob = TestDevice::register(server).await;
+    run_pake_across(server, server, alice_code, bob_code).await
+}
+
+/// [`run_pake`] with Alice on `alice_node` (which holds the channel) and Bob
+/// on `bob_node`.
+async fn run_pake_across(
+    alice_node: &TestServer,
+    bob_node: &TestServer,
+    alice_code: &str,
+    bob_code: &str,
+) -> (Option<Vec<u8>>, Option<Vec<u8>>, Vec<u8>, Vec<u8>) {
+    let alice = TestDevice::register(alice_node).await;
+    let bob = TestDevice::register(bob_node).await;
     let (id_a, id_b) = (Identity::new(b"alice"), Identity::new(b"bob"));
     let channel = channel(&alice).await;
 
@@ -273,6 +284,65 @@ async fn a_wrong_code_yields_different_keys(backend: Backend) {
     assert_ne!(a_key, b_key);
     assert_eq!(alice_opened, None, "bob's seal must not open");
     assert_eq!(bob_opened, None, "alice's seal must not open");
+}
+
+// ---- across cluster nodes ----
+
+/// In a cluster the channel lives on the node that created it; a side on
+/// another node joins it there. SPAKE2 agrees a key across two nodes, a
+/// wrong code does not; frames are held and passed in order across nodes; a
+/// third side on yet another node is refused 409, an unknown channel 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sides_on_different_cluster_nodes_meet() {
+    if !common::cluster::cluster_available() {
+        return;
+    }
+    let c = common::cluster::TestCluster::start(3, |_| {}).await;
+    let (alice_opened, bob_opened, a_key, b_key) =
+        run_pake_across(&c.nodes[0], &c.nodes[1], "042917", "042917").await;
+    assert_eq!(a_key, b_key, "both sides derive the same key");
+    assert_eq!(alice_opened, Some(identity_key(1)));
+    assert_eq!(bob_opened, Some(identity_key(0)));
+    let (_, _, a_key, b_key) = run_pake_across(&c.nodes[1], &c.nodes[2], "042917", "042918").await;
+    assert_ne!(a_key, b_key);
+
+    let alice = TestDevice::register(&c.nodes[0]).await;
+    let at = |node: usize| TestDevice {
+        base: c.nodes[node].url(""),
+        ..alice.clone()
+    };
+    let channel = channel(&alice).await;
+    // Both sides elsewhere than the channel's node: frames held for the
+    // absent side cross the bus twice, in order.
+    let mut a = join(&at(1), &channel).await;
+    for i in 0..MAX_HELD {
+        send(&mut a, format!("held {i}").into_bytes()).await;
+    }
+    let mut b = join(&at(2), &channel).await;
+    expect_op(&mut b, "peer-joined").await;
+    for i in 0..MAX_HELD {
+        assert_eq!(
+            expect_binary(&mut b).await,
+            format!("held {i}").into_bytes()
+        );
+    }
+    expect_op(&mut a, "peer-joined").await;
+    for i in 0..50 {
+        send(&mut b, format!("live {i}").into_bytes()).await;
+    }
+    for i in 0..50 {
+        assert_eq!(
+            expect_binary(&mut a).await,
+            format!("live {i}").into_bytes()
+        );
+    }
+    assert_eq!(refused(try_join(&at(0), &channel).await).0, 409);
+    assert_eq!(refused(try_join(&at(1), &channel).await).0, 409);
+    assert_eq!(refused(try_join(&at(1), "00000000").await).0, 404);
+    b.close(None).await.expect("close");
+    expect_op(&mut a, "peer-left").await;
+    a.close(None).await.expect("close");
+    until_gone(&at(0), &channel).await;
 }
 
 // ---- held frames and order ----

@@ -8,11 +8,13 @@
 //! - [`relay::Relay`]: in a cluster, every question to other nodes that
 //!   needs an answer (forwarded copies, evictions, announcements).
 //! - [`group_commit::GroupCommit`]: the batch-and-commit thread both storage workers use.
-//! - [`rendezvous::RendezvousHub`]: the rendezvous channels (two sides each, frames relayed).
+//! - [`rendezvous::RendezvousHub`]: the rendezvous channels (two sides each, frames relayed);
+//!   [`rendezvous_remote`]: the stand-ins for a side or a hub on another cluster node.
 
 pub mod group_commit;
 pub mod keys;
 pub mod mailbox;
 pub mod relay;
 pub mod rendezvous;
+pub mod rendezvous_remote;
 pub mod router;

@@ -16,6 +16,8 @@
 //!   and says so; the new connection waits (bounded) before it replays.
 //! - **Announcements.** A change to an account's devices is told to every
 //!   node, and the change is answered once each has applied it (bounded).
+//! - **Questions** ([`Ask`]): any other request whose answer is a packet
+//!   (joining a rendezvous channel held by another node).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -134,6 +136,7 @@ pub struct Relay {
     deadlines: VecDeque<(Instant, u64)>,
     evictions: HashMap<u64, oneshot::Sender<()>>,
     tallies: HashMap<u64, Tally>,
+    answers: HashMap<u64, oneshot::Sender<Packet>>,
 }
 
 impl Relay {
@@ -160,6 +163,7 @@ impl Relay {
             deadlines: VecDeque::new(),
             evictions: HashMap::new(),
             tallies: HashMap::new(),
+            answers: HashMap::new(),
         }
     }
 
@@ -503,6 +507,63 @@ impl Handler<Applied> for Relay {
     }
 }
 
+/// A question to another node whose answer is a packet carrying the same
+/// id (a rendezvous join, say): `question` builds it from the id. Resolves
+/// with the answer, or `None` if it does not come within `grace` (or
+/// nobody listens there).
+#[derive(Message)]
+#[rtype(result = "Option<Packet>")]
+pub struct Ask {
+    pub node: NodeId,
+    pub question: Box<dyn FnOnce(u64) -> Packet + Send>,
+    pub grace: Duration,
+}
+
+/// From the dispatcher: the answer to question `id`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Answer {
+    pub id: u64,
+    pub packet: Packet,
+}
+
+impl Handler<Ask> for Relay {
+    type Result = ResponseFuture<Option<Packet>>;
+
+    fn handle(&mut self, msg: Ask, ctx: &mut Context<Self>) -> Self::Result {
+        let id = self.id();
+        let (answer_tx, answer) = oneshot::channel();
+        self.answers.insert(id, answer_tx);
+        let sent = self.bus.send(vec![(msg.node, (msg.question)(id))]);
+        ctx.spawn(sent.into_actor(self).map(move |heard, act, _| {
+            if !matches!(heard.as_deref(), Ok([true])) {
+                // Dropping the sender resolves the question with `None`.
+                act.answers.remove(&id);
+            }
+        }));
+        let (grace, me) = (msg.grace, ctx.address());
+        Box::pin(async move {
+            match tokio::time::timeout(grace, answer).await {
+                Ok(answer) => answer.ok(),
+                Err(_) => {
+                    me.do_send(Forget { id });
+                    None
+                }
+            }
+        })
+    }
+}
+
+impl Handler<Answer> for Relay {
+    type Result = ();
+
+    fn handle(&mut self, msg: Answer, _: &mut Context<Self>) {
+        if let Some(waiting) = self.answers.remove(&msg.id) {
+            let _ = waiting.send(msg.packet);
+        }
+    }
+}
+
 /// An eviction or announcement given up on: drop what waits for it.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -516,5 +577,6 @@ impl Handler<Forget> for Relay {
     fn handle(&mut self, msg: Forget, _: &mut Context<Self>) {
         self.tallies.remove(&msg.id);
         self.evictions.remove(&msg.id);
+        self.answers.remove(&msg.id);
     }
 }

@@ -9,12 +9,13 @@
 //! last connected side leaves, and its entry is dropped then.
 //!
 //! The hub knows a side only as a [`Side`]: the `Recipient` of the
-//! [`ToSide`] events it defines, as the router knows device sessions. Today
-//! every side is a local WebSocket session (`crate::ws::rendezvous`).
-//! Cluster seam: a side connected to another node would be a `Recipient`
-//! that forwards `ToSide` over the bus, and that node's session would reach
-//! this hub through `Relay`/`Leave` carried the other way; the hub itself
-//! would not change. (Not built: the cluster issue owns the bus.)
+//! [`ToSide`] events it defines, as the router knows device sessions, and a
+//! side knows its hub only as a [`HubLink`]. In a cluster a channel lives on
+//! the node that created it; a side connected to another node is, here, a
+//! `Recipient` that carries `ToSide` over the bus, and its session there
+//! talks to this hub through a `HubLink` that carries `Relay`/`Leave` back
+//! (`actors::rendezvous_remote`). That node's hub keeps such visiting
+//! sessions in `visitors`, to hand them the events that come back.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient, SpawnHand
 use bytes::Bytes;
 
 use crate::domain::rendezvous::{ChannelId, MAX_HELD_FRAMES};
+pub use crate::domain::rendezvous::{EndReason, JoinRefused, SideRef};
 use crate::metrics::Metrics;
 
 // ---- messages ----
@@ -41,27 +43,56 @@ pub enum ToSide {
     End(EndReason),
 }
 
-/// Why the hub let go of a side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    /// The channel's time is up.
-    Expired,
-    /// The side sent more frames than may be held for an absent peer.
-    TooManyHeld,
-    /// The server is shutting down.
-    Draining,
-}
-
 /// What the hub keeps of a side: where its events go.
 pub type Side = Recipient<ToSide>;
 
-/// Which of a channel's two slots, on which channel instance. `serial` tells
-/// a channel from a later one that drew the same id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SideRef {
+/// Where a side sends its frames and its leaving: the hub of this node, or
+/// (in a cluster) a link to the hub of the node that holds the channel.
+#[derive(Clone)]
+pub struct HubLink {
+    pub relay: Recipient<Relay>,
+    pub leave: Recipient<Leave>,
+}
+
+impl From<actix::Addr<RendezvousHub>> for HubLink {
+    fn from(hub: actix::Addr<RendezvousHub>) -> Self {
+        HubLink {
+            relay: hub.clone().recipient(),
+            leave: hub.recipient(),
+        }
+    }
+}
+
+/// From the cluster: a session here joined a channel held by another node
+/// as side `id`; the events for it will arrive as [`VisitorEvent`]s.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Visit {
+    pub id: u64,
+    pub side: Side,
+}
+
+/// From the cluster: an event for visiting side `id`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct VisitorEvent {
+    pub id: u64,
+    pub event: ToSide,
+}
+
+/// From the cluster: visiting side `id` is gone.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct EndVisit {
+    pub id: u64,
+}
+
+/// From the service: a channel just created here that another node already
+/// holds under the same id (the cluster refused it): drop it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Discard {
     pub channel: ChannelId,
-    serial: u64,
-    slot: usize,
 }
 
 /// From the service: open a channel alive for `ttl`. `None` while draining.
@@ -69,15 +100,6 @@ pub struct SideRef {
 #[rtype(result = "Option<ChannelId>")]
 pub struct Create {
     pub ttl: Duration,
-}
-
-/// Why a join was refused (before the WebSocket upgrade).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JoinRefused {
-    /// No such channel, or its time is up (or the server is draining).
-    Unknown,
-    /// Both slots have been taken.
-    Full,
 }
 
 /// From a new side: take a slot on `channel`. Accepted, `side` starts
@@ -133,6 +155,8 @@ struct Channel {
 
 pub struct RendezvousHub {
     channels: HashMap<ChannelId, Channel>,
+    /// Sessions here on channels held by other nodes, by visiting-side id.
+    visitors: HashMap<u64, Side>,
     next_serial: u64,
     metrics: Metrics,
     draining: bool,
@@ -142,6 +166,7 @@ impl RendezvousHub {
     pub fn new(metrics: Metrics) -> Self {
         RendezvousHub {
             channels: HashMap::new(),
+            visitors: HashMap::new(),
             next_serial: 0,
             metrics,
             draining: false,
@@ -295,10 +320,51 @@ impl Handler<DrainChannels> for RendezvousHub {
 
     fn handle(&mut self, _: DrainChannels, ctx: &mut Context<Self>) {
         self.draining = true;
+        for (_, side) in self.visitors.drain() {
+            side.do_send(ToSide::End(EndReason::Draining));
+        }
         let ids: Vec<ChannelId> = self.channels.keys().copied().collect();
         for id in ids {
             self.end(id, Some(EndReason::Draining), ctx);
         }
+    }
+}
+
+impl Handler<Visit> for RendezvousHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Visit, _: &mut Context<Self>) {
+        self.visitors.insert(msg.id, msg.side);
+    }
+}
+
+impl Handler<VisitorEvent> for RendezvousHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: VisitorEvent, _: &mut Context<Self>) {
+        let ends = matches!(msg.event, ToSide::End(_));
+        if let Some(side) = self.visitors.get(&msg.id) {
+            side.do_send(msg.event);
+        }
+        if ends {
+            self.visitors.remove(&msg.id);
+        }
+    }
+}
+
+impl Handler<EndVisit> for RendezvousHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: EndVisit, _: &mut Context<Self>) {
+        self.visitors.remove(&msg.id);
+    }
+}
+
+impl Handler<Discard> for RendezvousHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Discard, ctx: &mut Context<Self>) {
+        self.end(msg.channel, None, ctx);
     }
 }
 

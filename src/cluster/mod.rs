@@ -21,6 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -120,4 +121,11 @@ pub trait Bus: Send + Sync {
 
     /// Sends a packet to every node, this one included; how many heard it.
     fn broadcast(&self, packet: Packet) -> BusFuture<usize>;
+
+    /// Records this node as the home of rendezvous channel `channel` for
+    /// `ttl`; `false` if another node holds a channel of that id.
+    fn register_channel(&self, channel: u32, ttl: Duration) -> BusFuture<bool>;
+
+    /// The node holding rendezvous channel `channel`, if any.
+    fn channel_home(&self, channel: u32) -> BusFuture<Option<NodeId>>;
 }

@@ -7,6 +7,7 @@ use uuid::Uuid;
 use super::NodeId;
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::domain::envelope::Envelope;
+use crate::domain::rendezvous::{ChannelId, EndReason, JoinRefused, SideRef};
 use crate::wire::DeliveryStatus;
 
 /// A device address on the bus.
@@ -138,12 +139,50 @@ pub enum Packet {
     Applied {
         id: u64,
     },
+    /// A session of node `from` asks to join rendezvous channel `channel`,
+    /// held by the receiving node, as visiting side `side`; answer
+    /// `RendezvousJoined { id }`.
+    RendezvousJoin {
+        from: NodeId,
+        id: u64,
+        channel: ChannelId,
+        side: u64,
+    },
+    RendezvousJoined {
+        id: u64,
+        outcome: Result<SideRef, JoinRefused>,
+    },
+    /// For visiting side `side`: what happened on its channel, in order.
+    RendezvousEvent {
+        side: u64,
+        event: RendezvousEvent,
+    },
+    /// From a visiting side: a frame for the other side of its channel.
+    RendezvousFrame {
+        side: SideRef,
+        #[serde(with = "base64_bytes")]
+        frame: Vec<u8>,
+    },
+    /// From a visiting side: it left.
+    RendezvousLeave {
+        side: SideRef,
+    },
     /// A copy for `device`, which the receiving node holds, was stored
     /// without reaching it (its confirmation came too late): have the
     /// device's connection read its mailbox again.
     Stored {
         device: Device,
     },
+}
+
+/// An event of a rendezvous channel, for a side on another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RendezvousEvent {
+    Frame(#[serde(with = "base64_bytes")] Vec<u8>),
+    PeerJoined,
+    PeerLeft,
+    End(EndReason),
 }
 
 /// What a `Changed` packet removed.

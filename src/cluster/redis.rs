@@ -9,8 +9,9 @@
 //! - Keys: `{cluster}:at:{account}.{device}` = `{node}/{conn}` (presence,
 //!   no expiry: a dead node's entries are dropped when a send finds nobody
 //!   listening there), `{cluster}:rl:{limit}:{key}` (GCRA instants, expiring
-//!   when the bucket is full again). Channels: `{cluster}:node:{node}` and
-//!   `{cluster}:all`.
+//!   when the bucket is full again), `{cluster}:rv:{channel}` = `{node}`
+//!   (the home of a rendezvous channel, expiring with it). Channels:
+//!   `{cluster}:node:{node}` and `{cluster}:all`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -221,6 +222,37 @@ impl Bus for RedisBus {
         })
     }
 
+    fn register_channel(&self, channel: u32, ttl: Duration) -> BusFuture<bool> {
+        let mut conn = self.conn();
+        let key = self.channel_key(channel);
+        let node = self.node.to_string();
+        Box::pin(async move {
+            let set: Option<String> = redis::cmd("SET")
+                .arg(key)
+                .arg(node)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64)
+                .query_async(&mut conn)
+                .await
+                .map_err(bus_err)?;
+            Ok(set.is_some())
+        })
+    }
+
+    fn channel_home(&self, channel: u32) -> BusFuture<Option<NodeId>> {
+        let mut conn = self.conn();
+        let key = self.channel_key(channel);
+        Box::pin(async move {
+            let home: Option<String> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .map_err(bus_err)?;
+            Ok(home.and_then(|h| uuid::Uuid::try_parse(&h).ok().map(NodeId)))
+        })
+    }
+
     fn broadcast(&self, packet: Packet) -> BusFuture<usize> {
         let mut conn = self.conn();
         let channel = self.all_channel();
@@ -233,6 +265,12 @@ impl Bus for RedisBus {
                 .map_err(bus_err)?;
             Ok(usize::try_from(heard).unwrap_or(0))
         })
+    }
+}
+
+impl RedisBus {
+    fn channel_key(&self, channel: u32) -> String {
+        format!("{}:rv:{channel:08}", self.prefix)
     }
 }
 

@@ -7,6 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use rand::{CryptoRng, Rng};
+use serde::{Deserialize, Serialize};
 
 /// How many ids there are: `00000000` to `99999999`.
 const ID_SPACE: u32 = 100_000_000;
@@ -19,9 +20,47 @@ pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 /// sender's socket with 1008.
 pub const MAX_HELD_FRAMES: usize = 16;
 
+/// Which of a channel's two slots, on which channel instance. `serial` tells
+/// a channel from a later one that drew the same id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideRef {
+    pub channel: ChannelId,
+    pub serial: u64,
+    pub slot: usize,
+}
+
+/// Why a channel let go of a side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The channel's time is up.
+    Expired,
+    /// The side sent more frames than may be held for an absent peer.
+    TooManyHeld,
+    /// The server is shutting down.
+    Draining,
+}
+
+/// Why a join was refused (before the WebSocket upgrade).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinRefused {
+    /// No such channel, or its time is up (or the server is draining).
+    Unknown,
+    /// Both slots have been taken.
+    Full,
+}
+
 /// A channel id: 8 decimal digits, leading zeros included.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChannelId(u32);
+
+impl ChannelId {
+    /// The id as a number (the cluster's key for the channel).
+    pub fn number(self) -> u32 {
+        self.0
+    }
+}
 
 impl ChannelId {
     /// A fresh id from `rng`, a CSPRNG: the id is all a stranger lacks to

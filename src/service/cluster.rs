@@ -8,7 +8,11 @@ use std::time::Duration;
 use actix::Addr;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actors::relay::{Announce, Applied, Confirmed, Evicted, Relay};
+use crate::actors::relay::{Announce, Answer, Applied, Confirmed, Evicted, Relay};
+use crate::actors::rendezvous::{
+    Join as HubJoin, JoinRefused, Leave as HubLeave, Relay as HubRelay, VisitorEvent,
+};
+use crate::actors::rendezvous_remote::{from_wire, RemoteSide};
 use crate::actors::router::{CloseDevices, EvictLocal, LocalSessions, RescanAt, Route, Via};
 use crate::cluster::packet::{Confirmation, Packet, Removed};
 use crate::cluster::{Bus, Event, Holder, NodeId};
@@ -118,6 +122,38 @@ pub async fn dispatch(state: State, mut events: mpsc::Receiver<Event>) {
                 Packet::Stored { device } => state.router.do_send(RescanAt {
                     address: Some(device.into()),
                 }),
+                Packet::RendezvousJoin {
+                    from,
+                    id,
+                    channel,
+                    side,
+                } => {
+                    let state = state.clone();
+                    let bus = bus.clone();
+                    actix::spawn(async move {
+                        let remote = RemoteSide::start(bus.clone(), from, side);
+                        let joined = state.rendezvous.send(HubJoin {
+                            channel,
+                            side: remote,
+                        });
+                        let outcome = joined.await.unwrap_or(Err(JoinRefused::Unknown));
+                        reply_to(&*bus, from, Packet::RendezvousJoined { id, outcome }).await;
+                    });
+                }
+                answer @ Packet::RendezvousJoined { .. } => {
+                    if let Packet::RendezvousJoined { id, .. } = answer {
+                        relay.do_send(Answer { id, packet: answer });
+                    }
+                }
+                Packet::RendezvousEvent { side, event } => state.rendezvous.do_send(VisitorEvent {
+                    id: side,
+                    event: from_wire(event),
+                }),
+                Packet::RendezvousFrame { side, frame } => state.rendezvous.do_send(HubRelay {
+                    from: side,
+                    frame: frame.into(),
+                }),
+                Packet::RendezvousLeave { side } => state.rendezvous.do_send(HubLeave { side }),
             },
         }
     }

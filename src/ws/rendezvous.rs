@@ -16,7 +16,7 @@
 
 use std::time::Instant;
 
-use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, StreamHandler};
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, StreamHandler};
 use actix_http::body::{BodyStream, MessageBody};
 use actix_http::ws::{CloseCode, CloseReason, Frame, Item, ProtocolError};
 use actix_web::web::{Bytes, BytesMut};
@@ -24,7 +24,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::session::{close_code, CLIENT_TIMEOUT, CLOSE_GRACE, HEARTBEAT_INTERVAL};
 use super::transport::{finish_or_cut, ConnSocket, Inbox, Outbox};
-use crate::actors::rendezvous::{EndReason, Leave, Relay, RendezvousHub, SideRef, ToSide};
+use crate::actors::rendezvous::{EndReason, HubLink, Leave, Relay, SideRef, ToSide};
 use crate::domain::address::Address;
 use crate::domain::rendezvous::MAX_FRAME_BYTES;
 use crate::service::rendezvous;
@@ -50,14 +50,14 @@ pub async fn start(
     // The session's address exists before the session does, so the hub can
     // be given it (and queue events for it) before the upgrade is answered.
     let mut ctx = Context::<RendezvousSession>::new();
-    let side = rendezvous::join(&state, address, channel, ctx.address().recipient()).await?;
+    let (side, hub) = rendezvous::join(&state, address, channel, ctx.address().recipient()).await?;
     let (outbox, body) = Outbox::new();
     let socket = req.conn_data::<ConnSocket>().cloned();
     ctx.add_stream(Inbox::new(payload, MAX_FRAME_BYTES));
     ctx.run(RendezvousSession {
         address,
         side,
-        hub: state.rendezvous.clone(),
+        hub,
         outbox,
         socket,
         heartbeat: Instant::now(),
@@ -69,7 +69,8 @@ pub async fn start(
 pub struct RendezvousSession {
     address: Address,
     side: SideRef,
-    hub: Addr<RendezvousHub>,
+    /// This node's hub, or the link to the node holding the channel.
+    hub: HubLink,
     outbox: Outbox,
     socket: Option<ConnSocket>,
     /// When the client last sent anything.
@@ -108,7 +109,7 @@ impl RendezvousSession {
     }
 
     fn relay(&mut self, frame: Bytes) {
-        self.hub.do_send(Relay {
+        self.hub.relay.do_send(Relay {
             from: self.side,
             frame,
         });
@@ -164,7 +165,7 @@ impl Actor for RendezvousSession {
 
     fn stopping(&mut self, _: &mut Self::Context) -> actix::Running {
         // Harmless if the hub has already let go of this side.
-        self.hub.do_send(Leave { side: self.side });
+        self.hub.leave.do_send(Leave { side: self.side });
         actix::Running::Stop
     }
 
