@@ -17,6 +17,7 @@ use actix_web::{web, App, HttpServer};
 use crate::actors::keys::KeysActor;
 use crate::actors::mailbox::quota::Quota;
 use crate::actors::mailbox::MailboxWriter;
+use crate::actors::questions::Questions;
 use crate::actors::relay::Relay;
 use crate::actors::rendezvous::{DrainChannels, RendezvousHub};
 use crate::actors::router::{Drain, Join, Router};
@@ -121,11 +122,20 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
                 config.ack_timeout(),
             )
             .start();
+            let questions = Questions::new(bus.clone(), metrics.clone()).start();
             router.do_send(Join {
                 bus: bus.clone(),
                 relay: relay.clone(),
+                questions: questions.clone(),
             });
-            (Some(Cluster { bus, relay }), Some(events))
+            (
+                Some(Cluster {
+                    bus,
+                    relay,
+                    questions,
+                }),
+                Some(events),
+            )
         }
         None => (None, None),
     };

@@ -1,8 +1,9 @@
-//! `Relay`: this node's side of every conversation with other nodes that
-//! needs an answer. One job: keep each such question until it is answered,
-//! or act alone when the answer does not come.
+//! `Relay`: copies for devices connected to other nodes. One job: keep each
+//! forwarded copy until the node holding its device answers for it, or
+//! store it when the answer does not come. (Other questions to other
+//! nodes are `actors::questions`.)
 //!
-//! - **Forwards.** The router hands it each copy for a device it does not
+//! The router hands it each copy for a device it does not
 //!   hold. The relay asks the bus where the device is (a batch of copies per
 //!   round trip, in the order they came, so per-source order holds) and
 //!   forwards the copy to that node, keeping it until that node confirms an
@@ -11,29 +12,19 @@
 //!   the other node stored it too, the mailbox keeps one; if the device got
 //!   it too, the client drops the duplicate by guid). A copy for a device
 //!   connected nowhere is stored at once.
-//! - **Evictions.** A new connection here displaces the device's connection
-//!   on another node: that node closes it with 4409, spills what it held,
-//!   and says so; the new connection waits (bounded) before it replays.
-//! - **Announcements.** A change to an account's devices is told to every
-//!   node, and the change is answered once each has applied it (bounded).
-//! - **Questions** ([`Ask`]): any other request whose answer is a packet
-//!   (joining a rendezvous channel held by another node).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{
-    Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, ResponseFuture,
-    WrapFuture,
-};
+use actix::{Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, WrapFuture};
 use tokio::sync::oneshot;
 
 use super::mailbox::{spill_status, MailboxWriter};
 use super::router::{Route, RouteReply, Router, Via};
-use crate::cluster::packet::{Confirmation, Packet, Removed};
+use crate::cluster::packet::{Confirmation, Packet};
 use crate::cluster::{Bus, BusError, Holder, NodeId};
-use crate::domain::address::{AccountId, Address};
+use crate::domain::address::Address;
 use crate::domain::envelope::Envelope;
 use crate::metrics::Metrics;
 use crate::wire::DeliveryStatus;
@@ -63,40 +54,6 @@ pub struct Confirmed {
     pub what: Confirmation,
 }
 
-/// From the router: have `holder` (on another node) close its connection
-/// of `device`; resolves when it has spilled, or when it cannot answer.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct EvictElsewhere {
-    pub device: Address,
-    pub holder: Holder,
-    pub grace: Duration,
-}
-
-/// From the dispatcher: eviction `id` is done.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Evicted {
-    pub id: u64,
-}
-
-/// From the accounts service: tell every node about a change to
-/// `account`'s devices; resolves when all have applied it, or after `grace`.
-#[derive(Message)]
-#[rtype(result = "Result<(), BusError>")]
-pub struct Announce {
-    pub account: AccountId,
-    pub removed: Option<Removed>,
-    pub grace: Duration,
-}
-
-/// From the dispatcher: one node applied announcement `id`.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Applied {
-    pub id: u64,
-}
-
 struct Pending {
     dest: Address,
     envelope: Arc<Envelope>,
@@ -104,20 +61,6 @@ struct Pending {
     reply: RouteReply,
     holder: Holder,
     last_try: bool,
-}
-
-/// Acknowledgements of one announcement.
-struct Tally {
-    received: usize,
-    /// Known once the broadcast says how many other nodes heard it.
-    expected: Option<usize>,
-    done: oneshot::Sender<()>,
-}
-
-impl Tally {
-    fn complete(&self) -> bool {
-        self.expected.is_some_and(|e| self.received >= e)
-    }
 }
 
 pub struct Relay {
@@ -134,9 +77,6 @@ pub struct Relay {
     busy: bool,
     pending: HashMap<u64, Pending>,
     deadlines: VecDeque<(Instant, u64)>,
-    evictions: HashMap<u64, oneshot::Sender<()>>,
-    tallies: HashMap<u64, Tally>,
-    answers: HashMap<u64, oneshot::Sender<Packet>>,
 }
 
 impl Relay {
@@ -161,9 +101,6 @@ impl Relay {
             busy: false,
             pending: HashMap::new(),
             deadlines: VecDeque::new(),
-            evictions: HashMap::new(),
-            tallies: HashMap::new(),
-            answers: HashMap::new(),
         }
     }
 
@@ -380,203 +317,5 @@ impl Handler<Confirmed> for Relay {
         };
         self.metrics.cluster_confirmations.inc();
         let _ = p.reply.send(Ok(status));
-    }
-}
-
-impl Handler<EvictElsewhere> for Relay {
-    type Result = ResponseFuture<()>;
-
-    fn handle(&mut self, msg: EvictElsewhere, ctx: &mut Context<Self>) -> Self::Result {
-        let id = self.id();
-        let (done, evicted) = oneshot::channel();
-        self.evictions.insert(id, done);
-        let packet = Packet::Evict {
-            from: self.node,
-            id,
-            device: msg.device.into(),
-            conn: msg.holder.conn,
-        };
-        let sent = self.bus.send(vec![(msg.holder.node, packet)]);
-        ctx.spawn(sent.into_actor(self).map(move |heard, act, _| {
-            let heard = match heard {
-                Ok(h) => h.first().copied().unwrap_or(false),
-                Err(e) => {
-                    act.bus_failed(&e);
-                    false
-                }
-            };
-            // Nobody to wait for: that node is gone, and what it held was
-            // stored by the nodes that had sent it.
-            if !heard {
-                if let Some(done) = act.evictions.remove(&id) {
-                    let _ = done.send(());
-                }
-            }
-        }));
-        let grace = msg.grace;
-        let me = ctx.address();
-        Box::pin(async move {
-            if tokio::time::timeout(grace, evicted).await.is_err() {
-                me.do_send(Forget { id });
-            }
-        })
-    }
-}
-
-impl Handler<Evicted> for Relay {
-    type Result = ();
-
-    fn handle(&mut self, msg: Evicted, _: &mut Context<Self>) {
-        if let Some(done) = self.evictions.remove(&msg.id) {
-            let _ = done.send(());
-        }
-    }
-}
-
-impl Handler<Announce> for Relay {
-    type Result = ResponseFuture<Result<(), BusError>>;
-
-    fn handle(&mut self, msg: Announce, ctx: &mut Context<Self>) -> Self::Result {
-        let id = self.id();
-        let (done, applied) = oneshot::channel();
-        self.tallies.insert(
-            id,
-            Tally {
-                received: 0,
-                expected: None,
-                done,
-            },
-        );
-        let packet = Packet::Changed {
-            from: self.node,
-            id,
-            account: msg.account.0,
-            removed: msg.removed,
-        };
-        let (told_tx, told) = oneshot::channel();
-        let sent = self.bus.broadcast(packet);
-        ctx.spawn(sent.into_actor(self).map(move |heard, act, _| {
-            match heard {
-                // This node hears its own broadcast and does not answer it.
-                Ok(n) => {
-                    if let Some(t) = act.tallies.get_mut(&id) {
-                        t.expected = Some(n.saturating_sub(1));
-                    }
-                    let _ = told_tx.send(Ok(()));
-                }
-                Err(e) => {
-                    act.bus_failed(&e);
-                    let _ = told_tx.send(Err(e));
-                }
-            }
-            if act.tallies.get(&id).is_none_or(Tally::complete) {
-                if let Some(t) = act.tallies.remove(&id) {
-                    let _ = t.done.send(());
-                }
-            }
-        }));
-        let grace = msg.grace;
-        let me = ctx.address();
-        Box::pin(async move {
-            let outcome = told.await.unwrap_or(Ok(()));
-            if outcome.is_ok() && tokio::time::timeout(grace, applied).await.is_err() {
-                log::warn!("a change was not confirmed by every node within {grace:?}");
-                me.do_send(Forget { id });
-            }
-            outcome
-        })
-    }
-}
-
-impl Handler<Applied> for Relay {
-    type Result = ();
-
-    fn handle(&mut self, msg: Applied, _: &mut Context<Self>) {
-        let complete = match self.tallies.get_mut(&msg.id) {
-            Some(t) => {
-                t.received += 1;
-                t.complete()
-            }
-            None => false,
-        };
-        if complete {
-            if let Some(t) = self.tallies.remove(&msg.id) {
-                let _ = t.done.send(());
-            }
-        }
-    }
-}
-
-/// A question to another node whose answer is a packet carrying the same
-/// id (a rendezvous join, say): `question` builds it from the id. Resolves
-/// with the answer, or `None` if it does not come within `grace` (or
-/// nobody listens there).
-#[derive(Message)]
-#[rtype(result = "Option<Packet>")]
-pub struct Ask {
-    pub node: NodeId,
-    pub question: Box<dyn FnOnce(u64) -> Packet + Send>,
-    pub grace: Duration,
-}
-
-/// From the dispatcher: the answer to question `id`.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Answer {
-    pub id: u64,
-    pub packet: Packet,
-}
-
-impl Handler<Ask> for Relay {
-    type Result = ResponseFuture<Option<Packet>>;
-
-    fn handle(&mut self, msg: Ask, ctx: &mut Context<Self>) -> Self::Result {
-        let id = self.id();
-        let (answer_tx, answer) = oneshot::channel();
-        self.answers.insert(id, answer_tx);
-        let sent = self.bus.send(vec![(msg.node, (msg.question)(id))]);
-        ctx.spawn(sent.into_actor(self).map(move |heard, act, _| {
-            if !matches!(heard.as_deref(), Ok([true])) {
-                // Dropping the sender resolves the question with `None`.
-                act.answers.remove(&id);
-            }
-        }));
-        let (grace, me) = (msg.grace, ctx.address());
-        Box::pin(async move {
-            match tokio::time::timeout(grace, answer).await {
-                Ok(answer) => answer.ok(),
-                Err(_) => {
-                    me.do_send(Forget { id });
-                    None
-                }
-            }
-        })
-    }
-}
-
-impl Handler<Answer> for Relay {
-    type Result = ();
-
-    fn handle(&mut self, msg: Answer, _: &mut Context<Self>) {
-        if let Some(waiting) = self.answers.remove(&msg.id) {
-            let _ = waiting.send(msg.packet);
-        }
-    }
-}
-
-/// An eviction or announcement given up on: drop what waits for it.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Forget {
-    id: u64,
-}
-
-impl Handler<Forget> for Relay {
-    type Result = ();
-
-    fn handle(&mut self, msg: Forget, _: &mut Context<Self>) {
-        self.tallies.remove(&msg.id);
-        self.evictions.remove(&msg.id);
-        self.answers.remove(&msg.id);
     }
 }

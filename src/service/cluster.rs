@@ -8,7 +8,8 @@ use std::time::Duration;
 use actix::Addr;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actors::relay::{Announce, Answer, Applied, Confirmed, Evicted, Relay};
+use crate::actors::questions::{Announce, Answer, Applied, Questions};
+use crate::actors::relay::{Confirmed, Relay};
 use crate::actors::rendezvous::{
     Join as HubJoin, JoinRefused, Leave as HubLeave, Relay as HubRelay, VisitorEvent,
 };
@@ -34,6 +35,7 @@ const EVICT_GRACE: Duration = Duration::from_secs(1);
 pub struct Cluster {
     pub bus: Arc<dyn Bus>,
     pub relay: Addr<Relay>,
+    pub questions: Addr<Questions>,
 }
 
 /// Handles what the bus delivers to this node, for as long as it runs.
@@ -41,7 +43,11 @@ pub async fn dispatch(state: State, mut events: mpsc::Receiver<Event>) {
     let Some(cluster) = state.cluster.as_ref() else {
         return;
     };
-    let (bus, relay) = (cluster.bus.clone(), cluster.relay.clone());
+    let (bus, relay, questions) = (
+        cluster.bus.clone(),
+        cluster.relay.clone(),
+        cluster.questions.clone(),
+    );
     while let Some(event) = events.recv().await {
         match event {
             Event::Up => {
@@ -100,7 +106,11 @@ pub async fn dispatch(state: State, mut events: mpsc::Receiver<Event>) {
                         reply_to(&*bus, from, Packet::Evicted { id }).await;
                     });
                 }
-                Packet::Evicted { id } => relay.do_send(Evicted { id }),
+                answer @ Packet::Evicted { .. } => {
+                    if let Packet::Evicted { id } = answer {
+                        questions.do_send(Answer { id, packet: answer });
+                    }
+                }
                 Packet::Changed {
                     from,
                     id,
@@ -118,7 +128,7 @@ pub async fn dispatch(state: State, mut events: mpsc::Receiver<Event>) {
                         reply_to(&*bus, from, Packet::Applied { id }).await;
                     });
                 }
-                Packet::Applied { id } => relay.do_send(Applied { id }),
+                Packet::Applied { id } => questions.do_send(Applied { id }),
                 Packet::Stored { device } => state.router.do_send(RescanAt {
                     address: Some(device.into()),
                 }),
@@ -142,7 +152,7 @@ pub async fn dispatch(state: State, mut events: mpsc::Receiver<Event>) {
                 }
                 answer @ Packet::RendezvousJoined { .. } => {
                     if let Packet::RendezvousJoined { id, .. } = answer {
-                        relay.do_send(Answer { id, packet: answer });
+                        questions.do_send(Answer { id, packet: answer });
                     }
                 }
                 Packet::RendezvousEvent { side, event } => state.rendezvous.do_send(VisitorEvent {
@@ -245,7 +255,7 @@ pub async fn announce(state: &State, account: AccountId, removed: Option<Removed
         return;
     };
     let told = cluster
-        .relay
+        .questions
         .send(Announce {
             account,
             removed,

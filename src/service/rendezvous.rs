@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::actors::relay::Ask;
+use crate::actors::questions::Ask;
 use crate::actors::rendezvous::{
     Create, Discard, HubLink, Join, JoinRefused, Side, SideRef, Visit,
 };
@@ -122,7 +122,7 @@ async fn join_elsewhere(
     state.rendezvous.do_send(Visit { id: visitor, side });
     let from = cluster.bus.node();
     let answer = cluster
-        .relay
+        .questions
         .send(Ask {
             node: home,
             question: Box::new(move |id| Packet::RendezvousJoin {

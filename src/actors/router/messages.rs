@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::RouteReply;
+use crate::actors::questions::Questions;
 use crate::actors::relay::Relay;
 use crate::cluster::Bus;
 use crate::domain::address::{AccountId, Address, DeviceId};
@@ -129,6 +130,7 @@ pub struct Route {
 pub struct Join {
     pub bus: Arc<dyn Bus>,
     pub relay: Addr<Relay>,
+    pub questions: Addr<Questions>,
 }
 
 /// From the cluster: a newer connection of `address` on another node took

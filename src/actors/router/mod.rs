@@ -23,7 +23,9 @@ use tokio::sync::oneshot;
 pub use messages::*;
 
 use super::mailbox::{MailboxWriter, StorageFailed};
-use super::relay::{EvictElsewhere, Forward, Relay};
+use super::questions::{Ask, Questions};
+use super::relay::{Forward, Relay};
+use crate::cluster::packet::Packet;
 use crate::cluster::{Bus, Holder};
 use crate::domain::address::Address;
 use crate::domain::envelope::Envelope;
@@ -50,6 +52,7 @@ struct Entry {
 struct Membership {
     bus: Arc<dyn Bus>,
     relay: Addr<Relay>,
+    questions: Addr<Questions>,
 }
 
 impl Membership {
@@ -146,7 +149,8 @@ impl Handler<Connect> for Router {
         // have the one it replaces on another node (if any) close and spill.
         let elsewhere = self.cluster.as_ref().map(|cluster| {
             let claim = cluster.bus.claim(msg.address, cluster.holder(msg.id));
-            let (relay, node, address) = (cluster.relay.clone(), cluster.bus.node(), msg.address);
+            let (questions, node, address) =
+                (cluster.questions.clone(), cluster.bus.node(), msg.address);
             let metrics = self.metrics.clone();
             async move {
                 match claim.await {
@@ -155,10 +159,17 @@ impl Handler<Connect> for Router {
                             "{address} connected here; replacing its connection on node {}",
                             holder.node
                         );
-                        let _ = relay
-                            .send(EvictElsewhere {
-                                device: address,
-                                holder,
+                        // No answer (that node is gone, or slow): go on; what
+                        // it held was stored by the nodes that had sent it.
+                        let _ = questions
+                            .send(Ask {
+                                node: holder.node,
+                                question: Box::new(move |id| Packet::Evict {
+                                    from: node,
+                                    id,
+                                    device: address.into(),
+                                    conn: holder.conn,
+                                }),
                                 grace: REPLACE_GRACE,
                             })
                             .await;
@@ -232,6 +243,7 @@ impl Handler<Join> for Router {
         self.cluster = Some(Membership {
             bus: msg.bus,
             relay: msg.relay,
+            questions: msg.questions,
         });
     }
 }
