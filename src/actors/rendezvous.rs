@@ -23,7 +23,7 @@ use std::time::Duration;
 use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient, SpawnHandle};
 use bytes::Bytes;
 
-use crate::domain::rendezvous::{ChannelId, MAX_HELD_FRAMES};
+use crate::domain::rendezvous::{ChannelId, MAX_HELD_FRAMES, MAX_OPEN_CHANNELS};
 pub use crate::domain::rendezvous::{EndReason, JoinRefused, SideRef};
 use crate::metrics::Metrics;
 
@@ -95,7 +95,8 @@ pub struct Discard {
     pub channel: ChannelId,
 }
 
-/// From the service: open a channel alive for `ttl`. `None` while draining.
+/// From the service: open a channel alive for `ttl`. `None` while draining,
+/// or while [`MAX_OPEN_CHANNELS`] are open.
 #[derive(Message)]
 #[rtype(result = "Option<ChannelId>")]
 pub struct Create {
@@ -219,7 +220,7 @@ impl Handler<Create> for RendezvousHub {
     type Result = Option<ChannelId>;
 
     fn handle(&mut self, msg: Create, ctx: &mut Context<Self>) -> Option<ChannelId> {
-        if self.draining {
+        if self.draining || self.channels.len() >= MAX_OPEN_CHANNELS {
             return None;
         }
         // Retry on collision: with 10^8 ids the table is always mostly empty.
@@ -416,6 +417,19 @@ mod tests {
 
     fn frame(i: u8) -> Bytes {
         Bytes::from(vec![i; 3])
+    }
+
+    #[actix::test]
+    async fn a_node_holds_a_bounded_number_of_channels() {
+        let hub = RendezvousHub::new(Metrics::new()).start();
+        let create = || Create {
+            ttl: Duration::from_secs(60),
+        };
+        for _ in 0..MAX_OPEN_CHANNELS {
+            assert!(hub.send(create()).await.unwrap().is_some());
+        }
+        assert_eq!(hub.send(create()).await.unwrap(), None);
+        assert_eq!(hub.send(OpenCount).await.unwrap(), MAX_OPEN_CHANNELS);
     }
 
     #[actix::test]

@@ -16,6 +16,13 @@ const ID_SPACE: u32 = 100_000_000;
 /// closes that side's socket with 1009.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 
+/// Channels one node holds open at most. Each holds at most 16 × 64 KiB
+/// for an absent side, so this bounds the hub's memory (1 GiB at worst,
+/// and only if every channel is full); past it, creating a channel is
+/// `503` until some end. The per-account create limit keeps one account
+/// from taking them all.
+pub const MAX_OPEN_CHANNELS: usize = 1_000;
+
 /// Frames held for a side that has not joined yet. One more closes the
 /// sender's socket with 1008.
 pub const MAX_HELD_FRAMES: usize = 16;

@@ -7,7 +7,7 @@
 //! A pushed mailbox copy is kept only as its guid and size: it is already
 //! stored, and an ack deletes it by guid.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,6 +29,55 @@ enum Pushed {
     },
     /// A mailbox copy: an ack deletes it from the mailbox.
     Stored { bytes: usize },
+}
+
+/// The last guids a connection acknowledged, kept (in a cluster) for the
+/// mailbox rescan: a copy forwarded from another node can be stored there
+/// too when its confirmation came late, and the device, which already has
+/// it, must not get it again; nor must a rescan that reads a row whose
+/// deletion by an ack is not yet committed push it again.
+#[derive(Default)]
+pub struct RecentAcks {
+    order: VecDeque<Uuid>,
+    set: HashSet<Uuid>,
+    /// Live copies held here that a rescan found stored too: their ack
+    /// deletes the stored copy.
+    stored_too: HashSet<Uuid>,
+}
+
+impl RecentAcks {
+    /// Guids remembered at most.
+    const CAP: usize = 4_096;
+
+    pub fn note(&mut self, guid: Uuid) {
+        if self.set.insert(guid) {
+            self.order.push_back(guid);
+            if self.order.len() > Self::CAP {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub fn contains(&self, guid: Uuid) -> bool {
+        self.set.contains(&guid)
+    }
+
+    /// A rescan found `guid`, which this connection holds, in the mailbox.
+    pub fn stored_too(&mut self, guid: Uuid) {
+        // Entries of copies that expired instead of being acked are never
+        // taken back; start over rather than grow.
+        if self.stored_too.len() >= Self::CAP {
+            self.stored_too.clear();
+        }
+        self.stored_too.insert(guid);
+    }
+
+    /// Whether the acknowledged `guid` must also be deleted from the mailbox.
+    pub fn take_stored_too(&mut self, guid: Uuid) -> bool {
+        self.stored_too.remove(&guid)
+    }
 }
 
 /// What an ack found.
@@ -209,6 +258,24 @@ impl Held {
 
 #[cfg(test)]
 mod tests {
+    use super::RecentAcks;
+
+    #[test]
+    fn recent_acks_remember_the_last_ones_only() {
+        let mut recent = RecentAcks::default();
+        let guids: Vec<Uuid> = (0..RecentAcks::CAP + 10).map(|_| Uuid::now_v7()).collect();
+        for g in &guids {
+            recent.note(*g);
+        }
+        assert!(!recent.contains(guids[0]));
+        assert!(!recent.contains(guids[9]));
+        assert!(recent.contains(guids[10]));
+        assert!(recent.contains(*guids.last().unwrap()));
+        recent.stored_too(guids[3]);
+        assert!(recent.take_stored_too(guids[3]));
+        assert!(!recent.take_stored_too(guids[3]));
+    }
+
     use std::time::Duration;
 
     use tokio::sync::oneshot;

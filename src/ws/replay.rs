@@ -57,8 +57,23 @@ impl DeviceSession {
             let mut whole = true;
             for envelope in page.envelopes {
                 let bytes = envelope.content.len();
-                // A rescan finds what this connection already pushed.
-                if !act.held.holds(envelope.guid) {
+                // A rescan finds what this connection already pushed, and
+                // what the device already acknowledged: a copy stored by
+                // another node's late fallback (the device got it live), or
+                // a row whose deletion is not committed yet. Such a row is
+                // deleted (again: deleting is idempotent), not pushed.
+                let acked = act
+                    .recent_acks
+                    .as_ref()
+                    .is_some_and(|r| r.contains(envelope.guid));
+                let held = act.held.holds(envelope.guid);
+                if acked {
+                    drop(act.state.writer.delete(act.address, envelope.guid));
+                } else if held && act.rescanning {
+                    if let Some(recent) = act.recent_acks.as_mut() {
+                        recent.stored_too(envelope.guid);
+                    }
+                } else if !held {
                     if !act.held.has_room(bytes) {
                         whole = false;
                         break;

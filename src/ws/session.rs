@@ -30,7 +30,7 @@ use actix_http::ws::{CloseCode, CloseReason};
 use tokio::sync::oneshot;
 
 use super::gate::InflightGate;
-use super::held::{Acked, Held};
+use super::held::{Acked, Held, RecentAcks};
 use super::transport::{finish_or_cut, ConnSocket, Outbox};
 use crate::actors::router::{
     AckLive, Close, Connect, Deliver, Disconnect, Rescan, RouteReply, SessionHandle,
@@ -103,6 +103,8 @@ pub struct DeviceSession {
     pub(super) loading: bool,
     /// Live, and reading the mailbox again (see [`Rescan`]).
     pub(super) rescanning: bool,
+    /// In a cluster: what this connection acknowledged lately.
+    pub(super) recent_acks: Option<RecentAcks>,
     /// A rescan was asked for while the replay (or a rescan) was under way
     /// and may have passed the copies it is about.
     pub(super) rescan_again: bool,
@@ -129,7 +131,9 @@ impl DeviceSession {
         outbox: Outbox,
         socket: Option<ConnSocket>,
     ) -> Self {
+        let recent_acks = state.cluster.as_ref().map(|_| RecentAcks::default());
         DeviceSession {
+            recent_acks,
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             address,
             state,
@@ -267,9 +271,18 @@ impl DeviceSession {
         ctx: &mut Context<Self>,
     ) -> bool {
         self.bad_frames = 0;
+        let mut stored_too = false;
+        if let Some(recent) = self.recent_acks.as_mut() {
+            recent.note(guid);
+            stored_too = recent.take_stored_too(guid);
+        }
         let live = match self.held.ack(guid) {
             Acked::Live(reply) => {
-                // A live copy acknowledged in time: it never touches storage.
+                // A live copy acknowledged in time: it never touches storage
+                // (unless another node stored it too, see `RecentAcks`).
+                if stored_too {
+                    drop(self.state.writer.delete(self.address, guid));
+                }
                 self.state.metrics.messages_delivered_live.inc();
                 let _ = reply.send(Ok(DeliveryStatus::Delivered));
                 true
