@@ -57,27 +57,33 @@ pub fn ticks_per_sec() -> u64 {
     })
 }
 
-/// A reading taken at the start of a window.
-#[derive(Clone, Copy, Debug)]
+/// A reading taken at the start of a window, of one process or several
+/// (the nodes of a cluster, whose CPU per message is their sum).
+#[derive(Clone, Debug)]
 pub struct CpuMark {
-    pid: u32,
-    ticks: u64,
+    start: Vec<(u32, u64)>,
 }
 
 impl CpuMark {
-    /// Reads process `pid` now (`None` if it cannot be read).
-    pub fn now(pid: u32) -> Option<CpuMark> {
-        Some(CpuMark {
-            pid,
-            ticks: ticks_of(pid)?,
-        })
+    /// Reads every process of `pids` now (`None` if there is none, or one
+    /// cannot be read: a partial sum would understate the cost).
+    pub fn now_all(pids: &[u32]) -> Option<CpuMark> {
+        let start = pids
+            .iter()
+            .map(|&pid| Some((pid, ticks_of(pid)?)))
+            .collect::<Option<Vec<_>>>()?;
+        (!start.is_empty()).then_some(CpuMark { start })
     }
 
-    /// The CPU used since this mark, for `messages` relayed messages.
+    /// The CPU used since this mark, summed over its processes, for
+    /// `messages` relayed messages.
     pub fn since(&self, messages: u64) -> Option<CpuUse> {
-        let now = ticks_of(self.pid)?;
+        let mut ticks = 0;
+        for &(pid, then) in &self.start {
+            ticks += ticks_of(pid)?.saturating_sub(then);
+        }
         Some(CpuUse {
-            ticks: now.saturating_sub(self.ticks),
+            ticks,
             ticks_per_sec: ticks_per_sec(),
             messages,
         })

@@ -18,6 +18,7 @@
 mod bundles;
 mod ceiling;
 mod client;
+mod cluster;
 mod connections;
 mod cpu;
 mod flood;
@@ -117,6 +118,10 @@ enum Scenario {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Relay across the nodes of a cluster (senders on node 1, receivers on
+    /// the others) against relay within node 1, in one run: N nodes on one
+    /// fresh PostgreSQL database and one Redis.
+    ClusterRelay(cluster::ClusterArgs),
     /// Every scenario at a small size, checking correctness only (for CI).
     Smoke {
         #[arg(long, default_value = bundles::DEFAULT_VECTORS)]
@@ -194,6 +199,7 @@ fn scenario_name(s: &Scenario) -> &'static str {
         Scenario::Stalled(_) => "stalled",
         Scenario::UnackedReplay(_) => "unacked-replay",
         Scenario::Ceiling { .. } => "ceiling",
+        Scenario::ClusterRelay(_) => "cluster-relay",
         Scenario::Smoke { .. } => "smoke",
         Scenario::CeilingServe { .. } => ceiling::SUBCOMMAND,
     }
@@ -203,6 +209,20 @@ fn scenario_name(s: &Scenario) -> &'static str {
 async fn run(cli: Cli) -> (anyhow::Result<Vec<Report>>, Option<ServerSummary>) {
     if let Scenario::Ceiling { args, threads } = &cli.scenario {
         return (run_ceiling(args, *threads, cli.quiet).await, None);
+    }
+    if let Scenario::ClusterRelay(args) = &cli.scenario {
+        if cli.server.is_some() {
+            return (
+                Err(anyhow::anyhow!(
+                    "cluster-relay starts its own nodes; --server is not supported"
+                )),
+                None,
+            );
+        }
+        return match node_options(&cli) {
+            Ok(opts) => cluster::run(&opts, args, cli.quiet).await,
+            Err(e) => (Err(e), None),
+        };
     }
     let mut courier = match connect_or_start(&cli).await {
         Ok(c) => c,
@@ -227,14 +247,7 @@ async fn connect_or_start(cli: &Cli) -> anyhow::Result<Courier> {
     if let Some(url) = &cli.server {
         return Courier::external(url, cli.server_pid);
     }
-    let bin = match &cli.courier_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()
-            .context("own path")?
-            .parent()
-            .context("own directory")?
-            .join("courier"),
-    };
+    let bin = courier_bin(cli)?;
     let (keys, messages) = match &cli.scenario {
         Scenario::Bundles(b) => (b.keys as u64, 0),
         Scenario::Spill(s) => (0, s.messages),
@@ -278,6 +291,29 @@ async fn connect_or_start(cli: &Cli) -> anyhow::Result<Courier> {
         );
     }
     Ok(courier)
+}
+
+/// `--courier-bin`, or `courier` next to this executable.
+fn courier_bin(cli: &Cli) -> anyhow::Result<PathBuf> {
+    Ok(match &cli.courier_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()
+            .context("own path")?
+            .parent()
+            .context("own directory")?
+            .join("courier"),
+    })
+}
+
+/// How `cluster-relay` (and the smoke's cluster part) start their nodes.
+fn node_options(cli: &Cli) -> anyhow::Result<cluster::NodeOptions> {
+    Ok(cluster::NodeOptions {
+        bin: courier_bin(cli)?,
+        workers: cli.workers,
+        env: cli.server_env.clone(),
+        log_file: cli.server_log.clone(),
+        database_url: cli.database_url.clone(),
+    })
 }
 
 async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report>> {
@@ -338,8 +374,15 @@ async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report
             vec![stalled::run(courier, args, ack_timeout, quiet).await?]
         }
         Scenario::UnackedReplay(args) => vec![unacked::run(courier, args, quiet).await?],
-        Scenario::Smoke { vectors } => smoke::run(courier, vectors.clone(), quiet).await,
-        Scenario::Ceiling { .. } | Scenario::CeilingServe { .. } => {
+        Scenario::Smoke { vectors } => {
+            let mut reports = smoke::run(courier, vectors.clone(), quiet).await;
+            // With --server the nodes could not be started like it.
+            if cli.server.is_none() {
+                reports.push(cluster::smoke(&node_options(cli)?, quiet).await);
+            }
+            reports
+        }
+        Scenario::Ceiling { .. } | Scenario::CeilingServe { .. } | Scenario::ClusterRelay(_) => {
             unreachable!("handled without a courier")
         }
     })
@@ -363,6 +406,8 @@ fn ceiling_target(c: &ceiling::Ceiling) -> Target {
         http_base: None,
         has_mailbox: false,
         pid: Some(c.pid()),
+        receiver_addrs: Vec::new(),
+        extra_pids: Vec::new(),
     }
 }
 

@@ -83,6 +83,14 @@ pub struct RelayArgs {
     /// Seconds to wait for outstanding answers after the last send.
     #[arg(long, default_value_t = 10.0)]
     pub grace_secs: f64,
+    /// Share (0–1) of a sweep step's sends that must be answered
+    /// `delivered`, not `queued`, for it to pass. Not an option of `relay`
+    /// (one node answers `queued` only past its ack timeout, which the p99
+    /// limit already rules out); `cluster-relay` sets it from
+    /// `--min-delivered-pct`, since a cross-node copy whose confirmation is
+    /// late is answered `queued` yet still arrives live.
+    #[arg(skip)]
+    pub min_delivered: f64,
 }
 
 /// What the relay clients talk to.
@@ -97,6 +105,13 @@ pub struct Target {
     pub has_mailbox: bool,
     /// The server process, whose CPU time is measured (`None`: unknown).
     pub pid: Option<u32>,
+    /// Where receivers connect: receiver `i` to `receiver_addrs[i % len]`,
+    /// or to `addr` when empty. `cluster-relay` puts them on other nodes
+    /// than the senders this way.
+    pub receiver_addrs: Vec<SocketAddr>,
+    /// Further server processes whose CPU time counts with `pid`'s (the
+    /// other nodes of a cluster: a cross-node copy costs CPU on both).
+    pub extra_pids: Vec<u32>,
 }
 
 impl Target {
@@ -108,7 +123,25 @@ impl Target {
             http_base: Some(server.base()),
             has_mailbox: true,
             pid: server.pid(),
+            receiver_addrs: Vec::new(),
+            extra_pids: Vec::new(),
         }
+    }
+
+    /// Where receiver `i` connects.
+    pub fn receiver_addr(&self, i: usize) -> SocketAddr {
+        match self.receiver_addrs.len() {
+            0 => self.addr,
+            n => self.receiver_addrs[i % n],
+        }
+    }
+
+    /// Every server process whose CPU time is measured.
+    pub fn pids(&self) -> Vec<u32> {
+        self.pid
+            .into_iter()
+            .chain(self.extra_pids.iter().copied())
+            .collect()
     }
 }
 
@@ -217,7 +250,7 @@ async fn sweep_step(
     // them fails the run regardless.
     for attempt in 0..=args.confirm {
         let result = run_step(target, pairs, &cfg).await;
-        let shortfall = result.shortfall(args.p99_ms);
+        let shortfall = result.shortfall(args.p99_ms, args.min_delivered);
         if !quiet {
             eprintln!(
                 "sweep {}: {:>8.0} msg/s offered, {:>8.0} delivered/s, delivery {} → {}{}",
@@ -279,6 +312,36 @@ pub struct Outcome {
     /// Server CPU µs per relayed message by offered rate: every passing
     /// sweep step, or the one fixed-rate run.
     pub cpu_by_rate: Vec<(f64, f64)>,
+    /// The sweep's (last) step at its best rate, or the fixed-rate run.
+    pub best_step: Option<Brief>,
+    /// Sends answered 200 over every step (per-message figures taken
+    /// outside the tool, e.g. Redis's, divide by this).
+    pub answered_ok: u64,
+}
+
+/// The figures of one run that a comparison sets side by side.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Brief {
+    pub rate: f64,
+    pub delivered_rate: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Share of sends answered `delivered` (0–1).
+    pub delivered_share: f64,
+    pub cpu_us_per_msg: Option<f64>,
+}
+
+impl Brief {
+    fn of(r: &StepResult) -> Brief {
+        Brief {
+            rate: r.rate,
+            delivered_rate: r.delivered_rate(),
+            p50_ms: r.delivery_latency.ms(0.50),
+            p99_ms: r.delivery_latency.ms(0.99),
+            delivered_share: r.delivered_share(),
+            cpu_us_per_msg: r.server_cpu.and_then(|c| c.us_per_msg()),
+        }
+    }
 }
 
 impl Outcome {
@@ -395,6 +458,8 @@ pub async fn run(
         return Ok(Outcome {
             best: None,
             cpu_by_rate: cpu.map(|us| (args.rate, us)).into_iter().collect(),
+            best_step: Some(Brief::of(&r)),
+            answered_ok: r.answered_ok(),
         });
     }
 
@@ -409,9 +474,13 @@ pub async fn run(
     let mut steps_json = Vec::new();
     let mut outcome = Outcome {
         best: sw.best,
-        cpu_by_rate: Vec::new(),
+        ..Outcome::default()
     };
     for (rate, r, shortfall) in &sw.steps {
+        outcome.answered_ok += r.answered_ok();
+        if shortfall.is_none() && sw.best.is_some_and(|b| same_rate(b, *rate)) {
+            outcome.best_step = Some(Brief::of(r));
+        }
         report.row(
             &format!("  {rate:.0} msg/s"),
             format!(
@@ -480,10 +549,12 @@ mod tests {
         let courier = Outcome {
             best: Some(160_000.0),
             cpu_by_rate: vec![(64_000.0, 20.0), (128_000.0, 18.0), (160_000.0, 17.0)],
+            ..Outcome::default()
         };
         let ceiling = Outcome {
             best: Some(352_000.0),
             cpu_by_rate: vec![(128_000.0, 6.0), (256_000.0, 5.0), (352_000.0, 4.0)],
+            ..Outcome::default()
         };
         let mut r = Report::new("relay");
         compare_cpu(&courier, &ceiling, &mut r);

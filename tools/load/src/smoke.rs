@@ -20,13 +20,7 @@ use crate::unacked::{self, UnackedArgs};
 pub async fn run(server: &Courier, vectors: std::path::PathBuf, quiet: bool) -> Vec<Report> {
     let mut reports = Vec::new();
 
-    let target = Target {
-        name: "courier",
-        addr: server.addr,
-        http_base: Some(server.base()),
-        has_mailbox: true,
-        pid: server.pid(),
-    };
+    let target = Target::courier(server);
     let relay_args = RelayArgs {
         pairs: 4,
         rate: 500.0,
@@ -40,6 +34,7 @@ pub async fn run(server: &Courier, vectors: std::path::PathBuf, quiet: bool) -> 
         confirm: 0,
         p99_ms: 10.0,
         grace_secs: 10.0,
+        min_delivered: 0.0,
     };
     let mut r = Report::new("relay");
     if let Err(e) = relay::run(&target, &relay_args, quiet, &mut r).await {

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::peer::{ReceiverOut, SenderOut};
 use crate::client::Answer;
 use crate::cpu::CpuUse;
-use crate::stats::{per_sec, round1, Latency, Report};
+use crate::stats::{per_sec, round1, round3, Latency, Report};
 
 /// Everything one fixed-rate run measured.
 #[derive(Default)]
@@ -64,6 +64,21 @@ impl StepResult {
         per_sec(self.sent, self.last_send.max(self.duration))
     }
 
+    /// Sends answered 200 (`delivered`, `queued` or another success).
+    pub fn answered_ok(&self) -> u64 {
+        self.delivered_answers + self.queued_answers + self.other_ok_answers
+    }
+
+    /// Share of the sends written that were answered `delivered` (0–1; 0
+    /// when none was written).
+    pub fn delivered_share(&self) -> f64 {
+        if self.sent == 0 {
+            0.0
+        } else {
+            self.delivered_answers as f64 / self.sent as f64
+        }
+    }
+
     /// Violations of the SPEC's delivery guarantee (always fatal).
     pub fn correctness_failures(&self) -> Vec<String> {
         let mut f = Vec::new();
@@ -83,7 +98,9 @@ impl StepResult {
     }
 
     /// Why this run does not count as sustaining its rate (`None`: it does).
-    pub fn shortfall(&self, p99_ms: f64) -> Option<String> {
+    /// `min_delivered`: the share of sends that must be answered
+    /// `delivered` (0: not checked).
+    pub fn shortfall(&self, p99_ms: f64, min_delivered: f64) -> Option<String> {
         if !self.correctness_failures().is_empty() {
             return Some("correctness failure".into());
         }
@@ -103,6 +120,13 @@ impl StepResult {
             return Some(format!(
                 "{} of {} delivered live",
                 self.received_live, self.sent
+            ));
+        }
+        if self.delivered_share() < min_delivered {
+            return Some(format!(
+                "{:.2} % answered delivered (queued {})",
+                self.delivered_share() * 100.0,
+                self.queued_answers
             ));
         }
         let p99 = self.delivery_latency.ms(0.99);
@@ -126,6 +150,7 @@ impl StepResult {
             "sent": self.sent,
             "sent_rate": round1(self.sent_rate()),
             "delivered_rate": round1(self.delivered_rate()),
+            "delivered_share": round3(self.delivered_share()),
             "answers": {
                 "delivered": self.delivered_answers,
                 "queued": self.queued_answers,

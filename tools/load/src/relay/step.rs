@@ -4,6 +4,7 @@
 //! receiver's mailbox for copies answered 200 but not seen live.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,8 +95,8 @@ impl StepCtx {
 
 /// Connects a device and consumes its stored mailbox (acking it) up to
 /// `queue-empty`. Returns the socket and the number of stale copies.
-async fn connect_ready(target: &Target, device: &Device) -> anyhow::Result<(Ws, u64)> {
-    let mut ws = client::connect(target.addr, device, None).await?;
+async fn connect_ready(addr: SocketAddr, device: &Device) -> anyhow::Result<(Ws, u64)> {
+    let mut ws = client::connect(addr, device, None).await?;
     let stale = drain_until_queue_empty(&mut ws, client::IO_TIMEOUT, None).await?;
     Ok((ws, stale.len() as u64))
 }
@@ -113,11 +114,15 @@ pub async fn run_step(target: &Target, pairs: &[Pair], cfg: &StepConfig) -> Step
     };
 
     // Receivers first, each past its queue-empty; then the senders.
-    let receivers =
-        futures_util::future::join_all(pairs.iter().map(|p| connect_ready(target, &p.receiver)))
-            .await;
+    let receivers = futures_util::future::join_all(
+        pairs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| connect_ready(target.receiver_addr(i), &p.receiver)),
+    )
+    .await;
     let senders =
-        futures_util::future::join_all(pairs.iter().map(|p| connect_ready(target, &p.sender)))
+        futures_util::future::join_all(pairs.iter().map(|p| connect_ready(target.addr, &p.sender)))
             .await;
     let mut connected = Vec::new();
     for (i, (r, s)) in receivers.into_iter().zip(senders).enumerate() {
@@ -154,7 +159,7 @@ pub async fn run_step(target: &Target, pairs: &[Pair], cfg: &StepConfig) -> Step
     let (stop_tx, stop_rx) = watch::channel(false);
     // The server's CPU over the measured window: from here (connections are
     // up, nothing sent yet) until every sender has its answers.
-    let cpu_mark = target.pid.and_then(CpuMark::now);
+    let cpu_mark = CpuMark::now_all(&target.pids());
     let mut tasks = Vec::new();
     for (i, rw, sw) in connected {
         let plan = Plan::new(i, n, cfg.rate, cfg.duration);
@@ -202,7 +207,7 @@ pub async fn run_step(target: &Target, pairs: &[Pair], cfg: &StepConfig) -> Step
         // Answered 200 but not seen live: a copy spilled to the mailbox is
         // pushed again on the next connection, so look before calling it lost.
         if target.has_mailbox && sender.missing_at(&received) > 0 {
-            match mailbox_stamps(target, &pairs[i].receiver, run, i as u32).await {
+            match mailbox_stamps(target.receiver_addr(i), &pairs[i].receiver, run, i as u32).await {
                 Ok(seqs) => result.recovered_from_mailbox += received.mark(seqs),
                 Err(e) => result.note(format!("reconnect receiver {i}: {e:#}")),
             }
@@ -217,12 +222,12 @@ pub async fn run_step(target: &Target, pairs: &[Pair], cfg: &StepConfig) -> Step
 /// Reconnects `device` and returns the sequence numbers of stream `stream`
 /// of run `run` that its mailbox pushed (and that were acked on the way).
 async fn mailbox_stamps(
-    target: &Target,
+    addr: SocketAddr,
     device: &Device,
     run: u32,
     stream: u32,
 ) -> anyhow::Result<Vec<u64>> {
-    let mut ws = client::connect(target.addr, device, None).await?;
+    let mut ws = client::connect(addr, device, None).await?;
     let pushed = drain_until_queue_empty(&mut ws, client::IO_TIMEOUT, None).await;
     close_quietly(ws).await;
     Ok(pushed?
