@@ -22,7 +22,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,19 +31,10 @@ use common::cluster::{
     cluster_available, node_config, redis_url, unique_cluster_name, PrivateRedis,
 };
 use common::process::CourierProcess;
+use common::trials::{drain_all, listen, Seen};
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::Message;
-
-/// Contents each device has seen, over every connection of the whole run.
-type Seen = Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>;
-
-type WsStream =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Concurrent send streams through node A per trial.
 const SENDER_STREAMS: usize = 6;
@@ -617,139 +608,6 @@ async fn wait_readyz(base: &str, want: u16, within: Duration) -> (u16, Value) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-// ---------------------------------------------------------------------------
-// Devices
-// ---------------------------------------------------------------------------
-
-/// Records every pushed copy; acks it unless `ack` is false. Says `ready`
-/// once the mailbox replay is over (`queue-empty`; or after 5 s, since a
-/// device that never acks may hold the replay at its bound).
-async fn listen(
-    device: TestDevice,
-    seen: Seen,
-    ack: bool,
-    ready: Option<tokio::sync::oneshot::Sender<()>>,
-) {
-    let Ok(mut ws) = connect(&device).await else {
-        return;
-    };
-    let mut ready = ready;
-    let replay_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let frame = if ready.is_some() {
-            match tokio::time::timeout_at(replay_deadline, ws.next()).await {
-                Ok(f) => f,
-                Err(_) => {
-                    if let Some(r) = ready.take() {
-                        let _ = r.send(());
-                    }
-                    continue;
-                }
-            }
-        } else {
-            ws.next().await
-        };
-        let Some(Ok(frame)) = frame else { return };
-        let Message::Text(text) = frame else { continue };
-        let Ok(v) = serde_json::from_str::<Value>(&text) else {
-            continue;
-        };
-        if v["op"] == "queue-empty" {
-            if let Some(r) = ready.take() {
-                let _ = r.send(());
-            }
-            continue;
-        }
-        if v["op"] != "message" {
-            continue;
-        }
-        record(&seen, &device.uuid, &v["envelope"]);
-        if ack {
-            let guid = v["envelope"]["guid"].clone();
-            if ws
-                .send(Message::Text(
-                    json!({"op": "ack", "guid": guid}).to_string(),
-                ))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
-}
-
-/// Connects until a connection replays nothing: every stored copy is seen
-/// and acked.
-async fn drain_all(device: &TestDevice, seen: &Seen) {
-    for _ in 0..50 {
-        let mut ws = tokio::time::timeout(Duration::from_secs(20), connect(device))
-            .await
-            .expect("final connection within 20 s")
-            .expect("final connection");
-        let mut got = 0;
-        loop {
-            let frame = tokio::time::timeout(Duration::from_secs(20), ws.next())
-                .await
-                .expect("frames during the final drain");
-            let text = match frame {
-                Some(Ok(Message::Text(text))) => text,
-                Some(Ok(_)) => continue,
-                other => panic!("final drain connection ended: {other:?}"),
-            };
-            let v: Value = serde_json::from_str(&text).unwrap();
-            if v["op"] == "queue-empty" {
-                break;
-            }
-            if v["op"] == "message" {
-                got += 1;
-                record(seen, &device.uuid, &v["envelope"]);
-                let guid = v["envelope"]["guid"].clone();
-                ws.send(Message::Text(
-                    json!({"op": "ack", "guid": guid}).to_string(),
-                ))
-                .await
-                .unwrap();
-            }
-        }
-        // Let the acks commit before the next look.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let _ = ws.close(None).await;
-        if got == 0 {
-            return;
-        }
-    }
-    panic!("the mailbox of {} never drained", device.login());
-}
-
-fn record(seen: &Seen, device: &str, envelope: &Value) {
-    let content = envelope["content"].as_str().unwrap_or_default();
-    let bytes = base64_decode(content);
-    seen.lock()
-        .unwrap()
-        .entry(device.to_owned())
-        .or_default()
-        .insert(String::from_utf8_lossy(&bytes).into_owned());
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .unwrap_or_default()
-}
-
-async fn connect(d: &TestDevice) -> Result<WsStream, tokio_tungstenite::tungstenite::Error> {
-    let url = d.base.replacen("http://", "ws://", 1) + "/v1/websocket";
-    let mut req = url.into_client_request()?;
-    let token = b64(format!("{}:{}", d.login(), d.password).as_bytes());
-    req.headers_mut().insert(
-        "Authorization",
-        HeaderValue::from_str(&format!("Basic {token}")).expect("header"),
-    );
-    Ok(tokio_tungstenite::connect_async(req).await?.0)
 }
 
 fn tail(log: &str, lines: usize) -> String {

@@ -13,21 +13,14 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::process::CourierProcess;
+use common::trials::{drain_all, listen, Seen};
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
-use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::Message;
-
-/// Contents each device has seen, over every connection of the whole run.
-type Seen = Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>;
 
 /// Concurrent send streams per trial.
 const SENDER_STREAMS: usize = 8;
@@ -68,9 +61,9 @@ async fn answered_sends_survive_kill_9(backend: Backend) {
                 ..d.clone()
             };
             let seen = seen.clone();
-            tasks.push(tokio::spawn(
-                async move { listen(d, seen, mode == 1).await },
-            ));
+            tasks.push(tokio::spawn(async move {
+                listen(d, seen, mode == 1, None).await
+            }));
         }
         // Eight concurrent streams from the sender, until the server dies.
         let answers = Arc::new(Mutex::new(Vec::new()));
@@ -146,103 +139,6 @@ async fn answered_sends_survive_kill_9(backend: Backend) {
     );
     assert!(answered.len() > trials, "the trials sent almost nothing");
     assert!(lost.is_empty(), "lost answered messages: {lost:?}");
-}
-
-/// Records every pushed copy; acks it unless `drop_before_ack`.
-async fn listen(device: TestDevice, seen: Seen, ack: bool) {
-    let Ok(mut ws) = connect(&device).await else {
-        return;
-    };
-    while let Some(Ok(frame)) = ws.next().await {
-        let Message::Text(text) = frame else { continue };
-        let Ok(v) = serde_json::from_str::<Value>(&text) else {
-            continue;
-        };
-        if v["op"] != "message" {
-            continue;
-        }
-        record(&seen, &device.uuid, &v["envelope"]);
-        if ack {
-            let guid = v["envelope"]["guid"].clone();
-            if ws
-                .send(Message::Text(
-                    json!({"op": "ack", "guid": guid}).to_string(),
-                ))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
-}
-
-async fn drain_all(device: &TestDevice, seen: &Seen) {
-    loop {
-        let mut ws = connect(device).await.expect("final connection");
-        let mut got = 0;
-        loop {
-            let frame = tokio::time::timeout(Duration::from_secs(20), ws.next())
-                .await
-                .expect("frames during the final drain");
-            let Some(Ok(Message::Text(text))) = frame else {
-                continue;
-            };
-            let v: Value = serde_json::from_str(&text).unwrap();
-            if v["op"] == "queue-empty" {
-                break;
-            }
-            if v["op"] == "message" {
-                got += 1;
-                record(seen, &device.uuid, &v["envelope"]);
-                let guid = v["envelope"]["guid"].clone();
-                ws.send(Message::Text(
-                    json!({"op": "ack", "guid": guid}).to_string(),
-                ))
-                .await
-                .unwrap();
-            }
-        }
-        // Let the acks commit before the next look.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let _ = ws.close(None).await;
-        if got == 0 {
-            return;
-        }
-    }
-}
-
-fn record(seen: &Seen, device: &str, envelope: &Value) {
-    let content = envelope["content"].as_str().unwrap_or_default();
-    let bytes = base64_decode(content);
-    seen.lock()
-        .unwrap()
-        .entry(device.to_owned())
-        .or_default()
-        .insert(String::from_utf8_lossy(&bytes).into_owned());
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .unwrap_or_default()
-}
-
-async fn connect(
-    d: &TestDevice,
-) -> Result<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    tokio_tungstenite::tungstenite::Error,
-> {
-    let url = d.base.replacen("http://", "ws://", 1) + "/v1/websocket";
-    let mut req = url.into_client_request()?;
-    let token = b64(format!("{}:{}", d.login(), d.password).as_bytes());
-    req.headers_mut().insert(
-        "Authorization",
-        HeaderValue::from_str(&format!("Basic {token}")).expect("header"),
-    );
-    Ok(tokio_tungstenite::connect_async(req).await?.0)
 }
 
 backends!(answered_sends_survive_kill_9);

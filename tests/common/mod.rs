@@ -11,6 +11,7 @@ pub mod client;
 pub mod cluster;
 pub mod delivery;
 pub mod process;
+pub mod trials;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
