@@ -7,6 +7,7 @@
 //! - [`mailbox::MailboxWriter`]: group-commits mailbox writes (dedicated thread).
 //! - [`relay::Relay`]: in a cluster, every question to other nodes that
 //!   needs an answer (forwarded copies, evictions, announcements).
+//! - [`push::Pusher`]: wakes devices connected nowhere over Web Push.
 //! - [`group_commit::GroupCommit`]: the batch-and-commit thread both storage workers use.
 //! - [`rendezvous::RendezvousHub`]: the rendezvous channels (two sides each, frames relayed);
 //!   [`rendezvous_remote`]: the stand-ins for a side or a hub on another cluster node.
@@ -14,6 +15,7 @@
 pub mod group_commit;
 pub mod keys;
 pub mod mailbox;
+pub mod push;
 pub mod relay;
 pub mod rendezvous;
 pub mod rendezvous_remote;
