@@ -119,7 +119,9 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
     .map_err(|e| std::io::Error::other(format!("push client: {e}")))?
     .start();
     if config.push_allow_insecure {
-        log::warn!("push_allow_insecure is ON: pushes may go to http:// and private addresses; tests only");
+        log::warn!(
+            "push_allow_insecure is ON: pushes may go to http:// and private addresses; tests only"
+        );
     }
     let router = Router::new(writer.clone(), metrics.clone(), pusher.clone()).start();
     let rendezvous = RendezvousHub::new(metrics.clone()).start();

@@ -142,7 +142,10 @@ impl Metrics {
                 "rendezvous_frames_relayed_total",
                 "Binary frames passed from one rendezvous side to the other",
             ),
-            push_sent: counter("push_sent_total", "Web Push messages accepted by a push service"),
+            push_sent: counter(
+                "push_sent_total",
+                "Web Push messages accepted by a push service",
+            ),
             push_coalesced: counter(
                 "push_coalesced_total",
                 "Wakes not pushed: the device was pushed within the coalescing window",

@@ -149,14 +149,8 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     // IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d) and NAT64
     // (64:ff9b::a.b.c.d) addresses reach the IPv4 address inside.
     let embedded = |hi: [u16; 6]| {
-        (s[..6] == hi).then(|| {
-            Ipv4Addr::new(
-                (s[6] >> 8) as u8,
-                s[6] as u8,
-                (s[7] >> 8) as u8,
-                s[7] as u8,
-            )
-        })
+        (s[..6] == hi)
+            .then(|| Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8))
     };
     if let Some(v4) = embedded([0, 0, 0, 0, 0, 0xffff])
         .or_else(|| embedded([0x64, 0xff9b, 0, 0, 0, 0]))
@@ -194,7 +188,9 @@ impl std::fmt::Debug for Vapid {
 impl Vapid {
     /// A fresh secret key (32 bytes, big-endian scalar).
     pub fn generate() -> Vec<u8> {
-        SigningKey::random(&mut rand::rngs::OsRng).to_bytes().to_vec()
+        SigningKey::random(&mut rand::rngs::OsRng)
+            .to_bytes()
+            .to_vec()
     }
 
     /// The key whose secret scalar is `secret`; `None` if it is not one.
@@ -234,6 +230,7 @@ mod tests {
     use super::*;
     use p256::ecdsa::signature::Verifier;
     use p256::ecdsa::VerifyingKey;
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -267,7 +264,12 @@ mod tests {
         ] {
             assert!(!is_public(ip(s)), "{s} counted as public");
         }
-        for s in ["1.1.1.1", "142.250.74.78", "2a00:1450:4001::200e", "::ffff:8.8.8.8"] {
+        for s in [
+            "1.1.1.1",
+            "142.250.74.78",
+            "2a00:1450:4001::200e",
+            "::ffff:8.8.8.8",
+        ] {
             assert!(is_public(ip(s)), "{s} counted as special");
         }
     }
@@ -342,8 +344,7 @@ mod tests {
             .unwrap();
         assert_eq!(k, vapid.public_key());
         let (input, sig) = t.rsplit_once('.').unwrap();
-        let key =
-            VerifyingKey::from_sec1_bytes(&URL_SAFE_NO_PAD.decode(k).unwrap()).unwrap();
+        let key = VerifyingKey::from_sec1_bytes(&URL_SAFE_NO_PAD.decode(k).unwrap()).unwrap();
         let sig = Signature::from_slice(&URL_SAFE_NO_PAD.decode(sig).unwrap()).unwrap();
         key.verify(input.as_bytes(), &sig).unwrap();
         let claims = input.split('.').nth(1).unwrap();

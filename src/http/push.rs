@@ -44,6 +44,7 @@ pub async fn get_vapid_key(state: State) -> HttpResponse {
         (status = 204, description = "Stored"),
         (status = 400, description = "Not an https:// endpoint, a host that resolves to a loopback, private or other special address (or not at all), or malformed keys", body = ErrorBody),
         (status = 401, response = Unauthorized),
+        (status = 413, description = "A body over 64 KiB", body = ErrorBody),
         (status = 429, response = RateLimited),
         (status = 500, response = Internal),
     )
@@ -68,10 +69,14 @@ pub async fn put_subscription(
     responses(
         (status = 204, description = "Removed (or there was none)"),
         (status = 401, response = Unauthorized),
+        (status = 429, response = RateLimited),
         (status = 500, response = Internal),
     )
 )]
-pub async fn delete_subscription(state: State, auth: Authenticated) -> Result<HttpResponse, ApiError> {
+pub async fn delete_subscription(
+    state: State,
+    auth: Authenticated,
+) -> Result<HttpResponse, ApiError> {
     push::unsubscribe(&state, auth.0).await?;
     Ok(HttpResponse::NoContent().finish())
 }

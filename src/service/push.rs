@@ -18,7 +18,11 @@ impl From<PushError> for ApiError {
 /// Stores `device`'s subscription, replacing its earlier one, once the
 /// endpoint and keys are checked and the endpoint's host resolves to
 /// public addresses only (it is checked again at every push).
-pub async fn subscribe(state: &State, device: Address, body: PushSubscription) -> Result<(), ApiError> {
+pub async fn subscribe(
+    state: &State,
+    device: Address,
+    body: PushSubscription,
+) -> Result<(), ApiError> {
     state.limits.push_subscribe(device.account).await?;
     let insecure = state.config.push_allow_insecure;
     let sub = check_subscription(&body.endpoint, &body.keys.p256dh, &body.keys.auth, insecure)?;

@@ -112,7 +112,8 @@ impl Handler<Wake> for Pusher {
         }
         self.last.insert(device, Instant::now());
         self.in_flight += 1;
-        let (pool, metrics, sender) = (self.pool.clone(), self.metrics.clone(), self.sender.clone());
+        let (pool, metrics, sender) =
+            (self.pool.clone(), self.metrics.clone(), self.sender.clone());
         let push = async move { push(&pool, &metrics, &sender, device).await };
         ctx.spawn(push.into_actor(self).map(|_, act, _| act.in_flight -= 1));
     }

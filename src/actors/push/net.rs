@@ -49,7 +49,11 @@ pub struct Sender {
 }
 
 impl Sender {
-    pub fn new(vapid: Vapid, subject: String, allow_insecure: bool) -> Result<Sender, reqwest::Error> {
+    pub fn new(
+        vapid: Vapid,
+        subject: String,
+        allow_insecure: bool,
+    ) -> Result<Sender, reqwest::Error> {
         let client = Client::builder()
             .redirect(redirect::Policy::none())
             .no_proxy()
