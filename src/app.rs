@@ -18,12 +18,14 @@ use crate::actors::keys::KeysActor;
 use crate::actors::mailbox::quota::Quota;
 use crate::actors::mailbox::MailboxWriter;
 use crate::actors::questions::Questions;
+use crate::actors::push::Pusher;
 use crate::actors::relay::Relay;
 use crate::actors::rendezvous::{DrainChannels, RendezvousHub};
 use crate::actors::router::{Drain, Join, Router};
 use crate::cluster::redis::RedisBus;
 use crate::cluster::Bus;
 use crate::config::Config;
+use crate::domain::push::Vapid;
 use crate::limits::Limiters;
 use crate::metrics::Metrics;
 use crate::service::cluster::Cluster;
@@ -105,7 +107,24 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
     let metrics = Metrics::new();
     let quota = Quota::new(config.mailbox_max_messages, config.device_cache_ttl());
     let (writer, _writer_thread) = MailboxWriter::start(pool.clone(), metrics.clone(), quota);
-    let router = Router::new(writer.clone(), metrics.clone()).start();
+    let vapid = vapid_key(&pool).await?;
+    let vapid_public_key = vapid.public_key().to_owned();
+    let pusher = Pusher::new(
+        pool.clone(),
+        metrics.clone(),
+        vapid,
+        config.push_subject.clone(),
+        config.push_allow_insecure,
+        config.push_coalesce(),
+    )
+    .map_err(|e| std::io::Error::other(format!("push client: {e}")))?
+    .start();
+    if config.push_allow_insecure {
+        log::warn!(
+            "push_allow_insecure is ON: pushes may go to http:// and private addresses; tests only"
+        );
+    }
+    let router = Router::new(writer.clone(), metrics.clone(), pusher.clone()).start();
     let rendezvous = RendezvousHub::new(metrics.clone()).start();
     let mut limits = Limiters::new(config.rate_limits, &config.limits, metrics.clone());
     let (cluster, bus_events) = match &config.redis_url {
@@ -118,6 +137,7 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
                 bus.clone(),
                 writer.clone(),
                 router.clone(),
+                pusher.clone(),
                 metrics.clone(),
                 config.ack_timeout(),
             )
@@ -151,6 +171,8 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
         rendezvous,
         keys,
         writer,
+        pusher,
+        vapid_public_key,
         limits,
         metrics,
         directory: Directory::new(config.device_cache_ttl()),
@@ -175,6 +197,25 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
         });
     }
     Ok(state)
+}
+
+/// The server's VAPID key, made by the first start. It is kept in the
+/// database rather than in a file of the state directory: every node of a
+/// cluster must sign with the same key (clients subscribe with it once),
+/// and the database is what the nodes share. The first node's candidate
+/// wins; the others read it back. The secret is never logged.
+async fn vapid_key(pool: &store::Pool) -> Result<Vapid, RunError> {
+    let candidate = Vapid::generate();
+    let now = store::now_ms();
+    let secret = store::blocking(pool, move |conn| {
+        store::push::vapid_key(conn, &candidate, now)
+    })
+    .await?;
+    Vapid::from_secret(&secret).ok_or_else(|| {
+        RunError::Io(std::io::Error::other(
+            "the stored VAPID key is not a P-256 secret key",
+        ))
+    })
 }
 
 /// The HTTP server on `listener`, not yet running.

@@ -9,8 +9,9 @@
 //!   its replay and its held copies, and the byte stream under it.
 //! - [`service`]: what handlers and WebSocket sessions share (send path, keys, accounts,
 //!   the caches, housekeeping) and `service::state`, the handles they all receive.
-//! - [`actors`]: router, keys actor, mailbox writer (and its quota): the
-//!   long-lived state; they never see the app's shared `State`.
+//! - [`actors`]: router, keys actor, mailbox writer (and its quota), relay,
+//!   pusher (Web Push wake-ups): the long-lived state; they never see the
+//!   app's shared `State`.
 //! - [`domain`]: pure rules (addresses, Sesame device-set check, key checks, secrets).
 //! - [`store`]: every Diesel query, synchronous, for SQLite and PostgreSQL.
 //! - [`cluster`]: the bus between nodes (presence, packets, shared limits)

@@ -32,6 +32,17 @@ pub struct Metrics {
     pub cluster_fallback_spills: IntCounter,
     /// Cluster bus calls that failed (the node fell back to acting alone).
     pub bus_errors: IntCounter,
+    /// Web Push messages accepted by a push service.
+    pub push_sent: IntCounter,
+    /// Wakes not pushed: the device was pushed within the coalescing window.
+    pub push_coalesced: IntCounter,
+    /// Pushes that failed for good (after their retries), or were refused
+    /// before sending (an endpoint on a special address).
+    pub push_failed: IntCounter,
+    /// Wakes not pushed because too many pushes were in flight.
+    pub push_overflow: IntCounter,
+    /// Subscriptions deleted because their push service said `404`/`410`.
+    pub push_subscriptions_dropped: IntCounter,
     pub http_requests: IntCounterVec,
     pub http_latency: HistogramVec,
 }
@@ -130,6 +141,26 @@ impl Metrics {
             rendezvous_frames_relayed: counter(
                 "rendezvous_frames_relayed_total",
                 "Binary frames passed from one rendezvous side to the other",
+            ),
+            push_sent: counter(
+                "push_sent_total",
+                "Web Push messages accepted by a push service",
+            ),
+            push_coalesced: counter(
+                "push_coalesced_total",
+                "Wakes not pushed: the device was pushed within the coalescing window",
+            ),
+            push_failed: counter(
+                "push_failed_total",
+                "Web Push messages that failed for good",
+            ),
+            push_overflow: counter(
+                "push_overflow_total",
+                "Wakes not pushed because too many pushes were in flight",
+            ),
+            push_subscriptions_dropped: counter(
+                "push_subscriptions_dropped_total",
+                "Push subscriptions deleted because their push service said they are gone",
             ),
             http_requests: counter_vec(
                 "http_requests_total",

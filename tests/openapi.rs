@@ -36,6 +36,9 @@ const ROUTES: &[(&str, &str, bool)] = &[
     ("/v1/websocket", "get", true),
     ("/v1/rendezvous", "post", true),
     ("/v1/rendezvous/{channel}", "get", true),
+    ("/v1/push/vapid-key", "get", false),
+    ("/v1/push", "put", true),
+    ("/v1/push", "delete", true),
     ("/v1/openapi.json", "get", false),
 ];
 

@@ -9,6 +9,7 @@
 //!   their device, kept until that node answers for them.
 //! - [`questions::Questions`]: in a cluster, other questions to other nodes
 //!   (evictions, announcements, rendezvous joins), kept until answered.
+//! - [`push::Pusher`]: wakes devices connected nowhere over Web Push.
 //! - [`group_commit::GroupCommit`]: the batch-and-commit thread both storage workers use.
 //! - [`rendezvous::RendezvousHub`]: the rendezvous channels (two sides each, frames relayed);
 //!   [`rendezvous_remote`]: the stand-ins for a side or a hub on another cluster node.
@@ -16,6 +17,7 @@
 pub mod group_commit;
 pub mod keys;
 pub mod mailbox;
+pub mod push;
 pub mod questions;
 pub mod relay;
 pub mod rendezvous;

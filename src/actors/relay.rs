@@ -21,6 +21,7 @@ use actix::{Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message
 use tokio::sync::oneshot;
 
 use super::mailbox::{spill_status, MailboxWriter};
+use super::push::{Pusher, Wake};
 use super::router::{Route, RouteReply, Router, Via};
 use crate::cluster::packet::{Confirmation, Packet};
 use crate::cluster::{Bus, BusError, Holder, NodeId};
@@ -68,6 +69,8 @@ pub struct Relay {
     node: NodeId,
     writer: MailboxWriter,
     router: Addr<Router>,
+    /// Told of each copy stored for a device connected nowhere.
+    pusher: Addr<Pusher>,
     metrics: Metrics,
     /// How long a forwarded copy may go unconfirmed.
     confirm_timeout: Duration,
@@ -84,6 +87,7 @@ impl Relay {
         bus: Arc<dyn Bus>,
         writer: MailboxWriter,
         router: Addr<Router>,
+        pusher: Addr<Pusher>,
         metrics: Metrics,
         ack_timeout: Duration,
     ) -> Self {
@@ -92,6 +96,7 @@ impl Relay {
             bus,
             writer,
             router,
+            pusher,
             metrics,
             // The holder answers after the ack, or after its own spill once
             // the ack timeout ran out: allow for both, and for a busy node.
@@ -117,6 +122,20 @@ impl Relay {
         } else {
             self.writer.spill_answering(dest, envelope, reply);
         }
+    }
+
+    /// Stores a copy for a device the bus says is connected nowhere (or
+    /// drops it, if ephemeral); once it is committed, the pusher may wake
+    /// the device. Not for fallback spills: their device may be connected.
+    fn spill_away(&self, f: Forward) {
+        if f.ephemeral {
+            return self.spill(f.dest, f.envelope, f.ephemeral, f.reply);
+        }
+        let (pusher, device) = (self.pusher.clone(), f.dest);
+        self.writer
+            .spill_answering_then(f.dest, f.envelope, f.reply, move || {
+                pusher.do_send(Wake { device })
+            });
     }
 
     /// The fallback: no (usable) answer from the holder.
@@ -167,6 +186,7 @@ impl Relay {
         let dests = batch.iter().map(|f| f.dest).collect();
         let located = self.bus.locate(dests);
         ctx.spawn(located.into_actor(self).then(move |holders, act, _| {
+            let located = holders.is_ok();
             let holders = holders.unwrap_or_else(|e| {
                 act.bus_failed(&e);
                 Vec::new()
@@ -201,8 +221,11 @@ impl Relay {
                         );
                         sent.push(id);
                     }
-                    // Connected nowhere (or here a moment ago, now gone), or
-                    // the bus cannot say: the mailbox.
+                    // Connected nowhere (or here a moment ago, now gone):
+                    // the mailbox, and a push.
+                    _ if located => act.spill_away(f),
+                    // The bus cannot say: the mailbox; no push, the device
+                    // may be connected elsewhere.
                     _ => act.spill(f.dest, f.envelope, f.ephemeral, f.reply),
                 }
             }

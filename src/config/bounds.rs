@@ -12,7 +12,7 @@ impl Config {
     /// `Instant::now() + ack_timeout` panic on the first live push, a
     /// cache TTL of years would let another process's deleted device in for
     /// years. The ranges are wide; they only exclude nonsense.
-    pub fn numeric_keys(&self) -> [(&'static str, u64, RangeInclusive<u64>); 13] {
+    pub fn numeric_keys(&self) -> [(&'static str, u64, RangeInclusive<u64>); 14] {
         let wide = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
         [
             ("ack_timeout_ms", self.ack_timeout_ms, 10..=600_000),
@@ -44,6 +44,7 @@ impl Config {
             ("device_cache_ttl_ms", self.device_cache_ttl_ms, 0..=600_000),
             ("db_pool_size", u64::from(self.db_pool_size), 1..=1_000),
             ("workers", wide(self.workers), 0..=1_024),
+            ("push_coalesce_secs", self.push_coalesce_secs, 1..=86_400),
         ]
     }
 
@@ -81,6 +82,13 @@ impl Config {
         {
             return Err(ConfigError::Invalid(
                 "cluster_name must be 1 to 64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        if !(self.push_subject.starts_with("mailto:") || self.push_subject.starts_with("https://"))
+            || self.push_subject.len() > 256
+        {
+            return Err(ConfigError::Invalid(
+                "push_subject must be a mailto: or https:// URI (RFC 8292)".into(),
             ));
         }
         if self.registration_token.as_deref() == Some("") {

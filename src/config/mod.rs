@@ -89,6 +89,14 @@ pub struct Config {
     /// clusters (or test runs) can share one Redis. Every member must use
     /// the same one.
     pub cluster_name: String,
+    /// At most one push per device per this many seconds while it stays away.
+    pub push_coalesce_secs: u64,
+    /// The VAPID `sub` claim: how a push service reaches the operator
+    /// (`mailto:` or `https:` URI).
+    pub push_subject: String,
+    /// Tests only: accept `http://` push endpoints and endpoints on
+    /// loopback, private or other special addresses.
+    pub push_allow_insecure: bool,
     /// Per-key GCRA limits.
     pub limits: Limits,
 }
@@ -116,6 +124,9 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             redis_url: None,
             cluster_name: "courier".into(),
+            push_coalesce_secs: 30,
+            push_subject: "mailto:admin@localhost".into(),
+            push_allow_insecure: false,
             limits: Limits::default(),
         }
     }
@@ -172,6 +183,10 @@ impl Config {
 
     pub fn device_cache_ttl(&self) -> Duration {
         Duration::from_millis(self.device_cache_ttl_ms)
+    }
+
+    pub fn push_coalesce(&self) -> Duration {
+        Duration::from_secs(self.push_coalesce_secs)
     }
 
     pub fn sweep_interval(&self) -> Duration {

@@ -5,5 +5,6 @@ pub mod device_set;
 pub mod envelope;
 pub mod keys;
 pub mod prekeys;
+pub mod push;
 pub mod rendezvous;
 pub mod secret;

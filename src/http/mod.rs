@@ -19,6 +19,7 @@ pub mod keys;
 pub mod messages;
 pub mod openapi;
 pub mod ops;
+pub mod push;
 pub mod rendezvous;
 pub mod websocket;
 
@@ -99,6 +100,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource(
             "/v1/rendezvous/{channel}",
             [(M::GET, web::to(rendezvous::join_channel))],
+        ))
+        .service(resource(
+            "/v1/push/vapid-key",
+            [(M::GET, web::to(push::get_vapid_key))],
+        ))
+        .service(resource(
+            "/v1/push",
+            [
+                (M::PUT, web::to(push::put_subscription)),
+                (M::DELETE, web::to(push::delete_subscription)),
+            ],
         ))
         .service(resource(
             "/v1/openapi.json",

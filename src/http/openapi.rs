@@ -11,7 +11,7 @@ use actix_web::HttpResponse;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToResponse};
 
-use super::{accounts, devices, keys, messages, ops, rendezvous, websocket};
+use super::{accounts, devices, keys, messages, ops, push, rendezvous, websocket};
 use crate::error::ErrorBody;
 
 /// The name of the HTTP Basic scheme in the document.
@@ -43,6 +43,9 @@ pub const BASIC: &str = "basic";
         websocket::connect,
         rendezvous::create_channel,
         rendezvous::join_channel,
+        push::get_vapid_key,
+        push::put_subscription,
+        push::delete_subscription,
         openapi_json,
     ),
     components(responses(Unauthorized, RateLimited, Internal)),

@@ -93,6 +93,9 @@ limits! {
     /// `GET /v1/rendezvous/{channel}` per account, whether the channel exists
     /// or not: bounds how fast anyone can guess channel ids.
     RendezvousJoinPerAccount: "rendezvous_join_per_account", Rate::new(30, MINUTE), Account;
+    /// `PUT /v1/push` (new or changed push subscriptions) per account: each
+    /// one makes the server resolve a host name.
+    PushSubscribePerAccount: "push_subscribe_per_account", Rate::new(20, HOUR), Account;
 }
 
 impl Limit {
@@ -307,6 +310,10 @@ impl Limiters {
     /// ids cost as much as real ones).
     pub async fn rendezvous_join(&self, account: AccountId) -> Result<(), ApiError> {
         self.check(Limit::RendezvousJoinPerAccount, account).await
+    }
+
+    pub async fn push_subscribe(&self, account: AccountId) -> Result<(), ApiError> {
+        self.check(Limit::PushSubscribePerAccount, account).await
     }
 
     /// Forgets every key whose bucket is full again (it would behave the

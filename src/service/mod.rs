@@ -11,6 +11,7 @@ pub mod directory;
 pub mod generations;
 pub mod keys;
 pub mod messaging;
+pub mod push;
 pub mod rendezvous;
 pub mod state;
 pub mod sweeper;

@@ -8,6 +8,7 @@ use actix::Addr;
 
 use crate::actors::keys::KeysActor;
 use crate::actors::mailbox::MailboxWriter;
+use crate::actors::push::Pusher;
 use crate::actors::rendezvous::RendezvousHub;
 use crate::actors::router::Router;
 use crate::config::Config;
@@ -26,6 +27,10 @@ pub struct AppState {
     pub rendezvous: Addr<RendezvousHub>,
     pub keys: KeysActor,
     pub writer: MailboxWriter,
+    /// Wakes devices connected nowhere (Web Push).
+    pub pusher: Addr<Pusher>,
+    /// The server's VAPID public key, base64url (`GET /v1/push/vapid-key`).
+    pub vapid_public_key: String,
     pub limits: Limiters,
     pub metrics: Metrics,
     /// Cached device sets for the send path.

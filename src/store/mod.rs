@@ -24,6 +24,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 pub mod accounts;
 pub mod keys;
 pub mod mailbox;
+pub mod push;
 pub mod schema;
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -44,6 +45,12 @@ macro_rules! with_conn {
     };
 }
 pub(crate) use with_conn;
+
+impl From<actix_web::error::BlockingError> for StoreError {
+    fn from(_: actix_web::error::BlockingError) -> Self {
+        StoreError::Stopped("the blocking thread pool")
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

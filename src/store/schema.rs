@@ -91,6 +91,25 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    vapid_key (id) {
+        id -> Integer,
+        private_key -> Binary,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    push_subscriptions (account, device_id) {
+        account -> Text,
+        device_id -> BigInt,
+        endpoint -> Text,
+        p256dh -> Binary,
+        auth -> Binary,
+        created_at -> BigInt,
+    }
+}
+
 diesel::joinable!(devices -> accounts (account));
 diesel::joinable!(provisioning_codes -> accounts (account));
 
@@ -104,4 +123,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     provisioning_codes,
     mailbox,
     mailbox_counts,
+    vapid_key,
+    push_subscriptions,
 );

@@ -344,3 +344,36 @@ impl From<KeyUpload> for RawUpload {
         }
     }
 }
+
+// ---- push ----
+
+/// `PUT /v1/push`: a browser's `PushSubscription` as `toJSON()` gives it
+/// (`expirationTime` and any other member are ignored).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PushSubscription {
+    /// The push service URL: `https://`, at most 2048 characters, and its
+    /// host must not resolve to a loopback, private or other special address.
+    #[schema(max_length = 2048, example = "https://push.example.net/wpush/v2/gAAAA")]
+    pub endpoint: String,
+    pub keys: PushKeys,
+}
+
+/// The subscription's keys (RFC 8291), base64url (padding optional).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct PushKeys {
+    /// The user agent's P-256 public key, uncompressed (65 bytes).
+    pub p256dh: String,
+    /// The 16-byte authentication secret.
+    pub auth: String,
+}
+
+/// `GET /v1/push/vapid-key`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VapidKey {
+    /// The server's VAPID public key (RFC 8292): the uncompressed P-256
+    /// point, base64url without padding; a client passes it as
+    /// `applicationServerKey` when it subscribes.
+    pub public_key: String,
+}

@@ -145,6 +145,28 @@ impl MailboxWriter {
         );
     }
 
+    /// As [`Self::spill_answering`], and runs `stored` after the commit if
+    /// the copy is new in the mailbox (not if it failed, or was there already).
+    pub fn spill_answering_then(
+        &self,
+        dest: Address,
+        envelope: Arc<Envelope>,
+        reply: RouteReply,
+        stored: impl FnOnce() + Send + 'static,
+    ) {
+        self.spill_then(
+            dest,
+            envelope,
+            Box::new(move |r| {
+                let new = r == Ok(Outcome::Stored);
+                let _ = reply.send(spill_status(r));
+                if new {
+                    stored();
+                }
+            }),
+        );
+    }
+
     /// Reads the stored counts of `dests` into the quota; resolves after.
     pub fn load_counts(&self, dests: Vec<Address>) -> Done {
         let (tx, rx) = oneshot::channel();

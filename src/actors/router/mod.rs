@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 pub use messages::*;
 
 use super::mailbox::{MailboxWriter, StorageFailed};
+use super::push::{Pusher, Reset, Wake};
 use super::questions::{Ask, Questions};
 use super::relay::{Forward, Relay};
 use crate::cluster::packet::Packet;
@@ -70,16 +71,19 @@ pub struct Router {
     metrics: Metrics,
     draining: bool,
     cluster: Option<Membership>,
+    /// Told of each copy stored for a device connected nowhere.
+    pusher: Addr<Pusher>,
 }
 
 impl Router {
-    pub fn new(writer: MailboxWriter, metrics: Metrics) -> Self {
+    pub fn new(writer: MailboxWriter, metrics: Metrics, pusher: Addr<Pusher>) -> Self {
         Router {
             sessions: HashMap::new(),
             writer,
             metrics,
             draining: false,
             cluster: None,
+            pusher,
         }
     }
 
@@ -102,13 +106,24 @@ impl Router {
     }
 
     /// Stores a copy for an absent device (or drops it, if ephemeral).
+    /// Alone (no cluster), a device not connected here is connected
+    /// nowhere: once its copy is committed, the pusher may wake it. (In a
+    /// cluster the relay knows that, not the router.)
     fn spill(&self, dest: Address, envelope: Arc<Envelope>, ephemeral: bool, reply: RouteReply) {
         if ephemeral {
             self.metrics.messages_dropped.inc();
             let _ = reply.send(Ok(DeliveryStatus::Dropped));
             return;
         }
-        self.writer.spill_answering(dest, envelope, reply);
+        if self.cluster.is_none() && !self.sessions.contains_key(&dest) {
+            let pusher = self.pusher.clone();
+            self.writer
+                .spill_answering_then(dest, envelope, reply, move || {
+                    pusher.do_send(Wake { device: dest })
+                });
+        } else {
+            self.writer.spill_answering(dest, envelope, reply);
+        }
     }
 }
 
@@ -136,6 +151,10 @@ impl Handler<Connect> for Router {
             },
         );
         self.metrics.connected_devices.inc();
+        // Back: the next copy it misses once gone again may wake it at once.
+        self.pusher.do_send(Reset {
+            device: msg.address,
+        });
         let previous_settled = previous.and_then(|mut old| {
             log::info!(
                 "{} connected elsewhere; replacing session {}",
