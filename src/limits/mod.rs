@@ -452,6 +452,7 @@ mod tests {
                 "provisioning_per_account = 20/h",
                 "rendezvous_create_per_account = 10/min",
                 "rendezvous_join_per_account = 30/min",
+                "push_subscribe_per_account = 20/h",
             ]
         );
     }

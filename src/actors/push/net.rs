@@ -159,6 +159,9 @@ impl Resolve for PublicOnly {
     }
 }
 
+/// How long a host name may take to resolve.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// `host`'s addresses, if it has some and every one is public (any, with
 /// `allow_insecure`). One special address refuses them all: a host that
 /// names both a public and a private address is not trusted with either.
@@ -167,10 +170,14 @@ pub async fn resolve_public(
     port: u16,
     allow_insecure: bool,
 ) -> Result<Vec<SocketAddr>, PushError> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|_| PushError::Unresolvable)?
-        .collect();
+    // A resolver that does not answer must not hold a subscribe request (or
+    // a push) for the system resolver's whole retry schedule.
+    let addrs: Vec<SocketAddr> =
+        tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| PushError::Unresolvable)?
+            .map_err(|_| PushError::Unresolvable)?
+            .collect();
     if addrs.is_empty() {
         return Err(PushError::Unresolvable);
     }
