@@ -102,7 +102,13 @@ impl RedisBus {
         });
         let (events, inbound) = mpsc::channel(INBOUND_QUEUE);
         let channels = vec![bus.node_channel(node), bus.all_channel()];
-        tokio::spawn(subscribe_forever(client, channels, bus.up.clone(), events));
+        tokio::spawn(subscribe_forever(
+            client,
+            bus.conn(),
+            channels,
+            bus.up.clone(),
+            events,
+        ));
         Ok((bus, inbound))
     }
 
@@ -300,6 +306,7 @@ impl SharedLimits for RedisBus {
 /// answering pings, then again with backoff.
 async fn subscribe_forever(
     client: Client,
+    mut commands: ConnectionManager,
     channels: Vec<String>,
     up: Arc<AtomicBool>,
     events: mpsc::Sender<Event>,
@@ -309,6 +316,7 @@ async fn subscribe_forever(
         match tokio::time::timeout(CONNECT_TIMEOUT, subscribe(&client, &channels)).await {
             Ok(Ok((mut sink, mut stream))) => {
                 backoff = RETRY_MIN;
+                warm_up(&mut commands).await;
                 up.store(true, Ordering::Release);
                 log::info!("cluster bus up");
                 if events.send(Event::Up).await.is_err() {
@@ -348,6 +356,22 @@ async fn subscribe_forever(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(RETRY_MAX);
+    }
+}
+
+/// After an outage the command connection still holds its failed
+/// connection, and only a failing command makes it reconnect: have that
+/// happen now, so the first send after `Up` finds it working. Bounded: past
+/// it the node reports `Up` anyway and callers fall back as before.
+async fn warm_up(commands: &mut ConnectionManager) {
+    let mut pause = RETRY_MIN;
+    for _ in 0..10 {
+        let pong: redis::RedisResult<redis::Value> = redis::cmd("PING").query_async(commands).await;
+        if pong.is_ok() {
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RETRY_MAX);
     }
 }
 

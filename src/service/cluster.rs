@@ -25,8 +25,9 @@ use crate::service::state::State;
 /// off from the bus caches nothing (`Directory::distrust`).
 const ANNOUNCE_GRACE: Duration = Duration::from_secs(2);
 /// Re-announcing after an outage: how often, how far apart.
-const REANNOUNCE_ATTEMPTS: u32 = 20;
+/// Pauses between attempts grow from the first to the last.
 const REANNOUNCE_PAUSE: Duration = Duration::from_millis(250);
+const REANNOUNCE_PAUSE_MAX: Duration = Duration::from_secs(2);
 /// How long an evicted connection may take to spill before the new one
 /// (on another node) is told to go ahead anyway.
 const EVICT_GRACE: Duration = Duration::from_secs(1);
@@ -191,14 +192,16 @@ async fn reannounce(state: State) {
         .map(|&(address, conn)| (address, Holder { node, conn }))
         .collect();
     // The command connection may still be failing over to the new Redis:
-    // try for a few seconds, while the subscription stays up.
-    let mut attempt = 0;
+    // try until it answers, for as long as the subscription stays up (until
+    // then this node's devices get no copies from other nodes; if it goes
+    // down again, the next `Up` starts over).
+    let mut pause = REANNOUNCE_PAUSE;
     let claimed = loop {
         match cluster.bus.claim_if_free(claims.clone()).await {
-            Err(e) if attempt < REANNOUNCE_ATTEMPTS && cluster.bus.is_up() => {
-                log::debug!("{e}; re-announcing again shortly");
-                attempt += 1;
-                tokio::time::sleep(REANNOUNCE_PAUSE).await;
+            Err(e) if cluster.bus.is_up() => {
+                log::debug!("{e}; re-announcing again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(REANNOUNCE_PAUSE_MAX);
             }
             result => break result,
         }
