@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::domain::push::Vapid;
 use crate::limits::Limiters;
 use crate::metrics::Metrics;
+use crate::service::certificates;
 use crate::service::cluster::Cluster;
 use crate::service::credentials::Credentials;
 use crate::service::directory::Directory;
@@ -41,6 +42,9 @@ pub enum RunError {
     Store(#[from] store::StoreError),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    /// Something the operator must fix (`courier serve` exits 78).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Extra time after the drain for in-flight HTTP requests to finish.
@@ -103,6 +107,21 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
     if !config.rate_limits {
         log::warn!("rate limits are OFF (rate_limits = false); never run like this in production");
     }
+
+    // A node that runs alone makes its own set on a first start; cluster
+    // nodes must share one, so they never make their own.
+    let certificates = {
+        let dir = config
+            .certificates_dir
+            .clone()
+            .unwrap_or_else(certificates::default_dir);
+        let lifetime = config.sender_certificate_lifetime();
+        let alone = config.redis_url.is_none();
+        web::block(move || certificates::load(&dir, lifetime, alone))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .map_err(RunError::Config)?
+    };
 
     let metrics = Metrics::new();
     let quota = Quota::new(config.mailbox_max_messages, config.device_cache_ttl());
@@ -173,6 +192,7 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
         writer,
         pusher,
         vapid_public_key,
+        certificates: Arc::new(certificates),
         limits,
         metrics,
         directory: Directory::new(config.device_cache_ttl()),

@@ -23,6 +23,8 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("the identity key differs from the account's")]
     IdentityKeyMismatch,
+    #[error("the account has no identity key yet")]
+    NoIdentityKey,
     #[error("this rendezvous channel already has its two sides")]
     ChannelFull,
     #[error("the destination device set is not current")]
@@ -58,6 +60,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::IdentityKeyMismatch
+            | ApiError::NoIdentityKey
             | ApiError::ChannelFull
             | ApiError::MismatchedDevices { .. } => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -79,6 +82,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::IdentityKeyMismatch => "identity_key_mismatch",
+            ApiError::NoIdentityKey => "no_identity_key",
             ApiError::ChannelFull => "channel_full",
             ApiError::MismatchedDevices { .. } => "mismatched_devices",
             ApiError::StaleDevices { .. } => "stale_devices",
@@ -149,6 +153,7 @@ fn error_code_schema() -> utoipa::openapi::Object {
         Forbidden(""),
         NotFound(""),
         IdentityKeyMismatch,
+        NoIdentityKey,
         ChannelFull,
         MismatchedDevices {
             missing: Vec::new(),
@@ -174,7 +179,7 @@ fn error_code_schema() -> utoipa::openapi::Object {
     for e in &every {
         match e {
             BadRequest(_) | Unauthorized | Forbidden(_) | NotFound(_) | IdentityKeyMismatch => {}
-            ChannelFull => {}
+            ChannelFull | NoIdentityKey => {}
             MismatchedDevices { .. } | StaleDevices { .. } | TooLarge(_) | InvalidKey(_) => {}
             MethodNotAllowed { .. } | RateLimited { .. } | MailboxFull | Unavailable | Internal => {
             }

@@ -29,6 +29,24 @@ enum Command {
     Migrate,
     /// Print the effective configuration, secrets masked.
     Config,
+    /// Sealed-sender certificates.
+    #[command(subcommand)]
+    Certificates(CertificatesCommand),
+}
+
+#[derive(Subcommand)]
+enum CertificatesCommand {
+    /// Make a trust root and a server key with its certificate in DIR.
+    /// Keep trust-root.key offline; every node needs trust-root.pub,
+    /// server.key and server.crt (COURIER_CERTIFICATES_DIR).
+    Generate {
+        /// Where to write the set; it must not hold one already.
+        #[arg(long)]
+        out: PathBuf,
+        /// The server certificate's key id.
+        #[arg(long, default_value_t = courier::service::certificates::DEFAULT_KEY_ID)]
+        key_id: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +79,23 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve => serve(config),
+        Command::Certificates(CertificatesCommand::Generate { out, key_id }) => {
+            match courier::service::certificates::generate(&out, key_id) {
+                Ok(root) => {
+                    println!("trust root public key: {root}");
+                    println!(
+                        "keep {} offline; give the server the rest of {}",
+                        out.join("trust-root.key").display(),
+                        out.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("courier: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -80,6 +115,10 @@ fn serve(config: Config) -> ExitCode {
         actix_web::rt::System::new().block_on(courier::run(config, listener, shutdown_signal()));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ courier::app::RunError::Config(_)) => {
+            eprintln!("courier: {e}");
+            ExitCode::from(78) // EX_CONFIG
+        }
         Err(e) => {
             eprintln!("courier: {e}");
             ExitCode::FAILURE

@@ -37,7 +37,9 @@ impl From<Device> for Address {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BusEnvelope {
     pub guid: Uuid,
-    pub source: Device,
+    /// `None` for a sealed-sender copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Device>,
     #[serde(rename = "type")]
     pub msg_type: i32,
     pub timestamp: i64,
@@ -50,7 +52,7 @@ impl From<&Envelope> for BusEnvelope {
     fn from(e: &Envelope) -> Self {
         BusEnvelope {
             guid: e.guid,
-            source: e.source.into(),
+            source: e.source.map(Into::into),
             msg_type: e.msg_type,
             timestamp: e.timestamp,
             server_timestamp: e.server_timestamp,
@@ -63,7 +65,7 @@ impl From<BusEnvelope> for Envelope {
     fn from(e: BusEnvelope) -> Self {
         Envelope {
             guid: e.guid,
-            source: e.source.into(),
+            source: e.source.map(Into::into),
             msg_type: e.msg_type,
             timestamp: e.timestamp,
             server_timestamp: e.server_timestamp,
@@ -229,7 +231,7 @@ mod tests {
     fn a_forward_survives_the_bus_byte_for_byte() {
         let envelope = Envelope {
             guid: Uuid::now_v7(),
-            source: Address::new(AccountId::random(), DeviceId(3)),
+            source: Some(Address::new(AccountId::random(), DeviceId(3))),
             msg_type: 1,
             timestamp: 17,
             server_timestamp: 18,

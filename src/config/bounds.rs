@@ -12,7 +12,7 @@ impl Config {
     /// `Instant::now() + ack_timeout` panic on the first live push, a
     /// cache TTL of years would let another process's deleted device in for
     /// years. The ranges are wide; they only exclude nonsense.
-    pub fn numeric_keys(&self) -> [(&'static str, u64, RangeInclusive<u64>); 14] {
+    pub fn numeric_keys(&self) -> [(&'static str, u64, RangeInclusive<u64>); 15] {
         let wide = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
         [
             ("ack_timeout_ms", self.ack_timeout_ms, 10..=600_000),
@@ -45,6 +45,11 @@ impl Config {
             ("db_pool_size", u64::from(self.db_pool_size), 1..=1_000),
             ("workers", wide(self.workers), 0..=1_024),
             ("push_coalesce_secs", self.push_coalesce_secs, 1..=86_400),
+            (
+                "sender_certificate_hours",
+                self.sender_certificate_hours,
+                1..=24 * 30,
+            ),
         ]
     }
 

@@ -97,6 +97,12 @@ pub struct Config {
     /// Tests only: accept `http://` push endpoints and endpoints on
     /// loopback, private or other special addresses.
     pub push_allow_insecure: bool,
+    /// The sealed-sender certificate set (`courier certificates generate`);
+    /// unset: `certificates/` in the state directory, made on the first start
+    /// of a node that runs alone.
+    pub certificates_dir: Option<PathBuf>,
+    /// How long a sender certificate (`GET /v1/certificate/delivery`) is valid.
+    pub sender_certificate_hours: u64,
     /// Per-key GCRA limits.
     pub limits: Limits,
 }
@@ -127,22 +133,32 @@ impl Default for Config {
             push_coalesce_secs: 30,
             push_subject: "mailto:admin@localhost".into(),
             push_allow_insecure: false,
+            certificates_dir: None,
+            sender_certificate_hours: 24,
             limits: Limits::default(),
         }
     }
 }
 
-/// `courier.db` in `$STATE_DIRECTORY` under systemd, else in the working directory.
+/// `courier.db` in the state directory.
 fn default_database_url() -> String {
-    let dir = std::env::var_os("STATE_DIRECTORY")
+    state_dir()
+        .join("courier.db")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Where courier keeps what it makes for itself: `$STATE_DIRECTORY` under
+/// systemd, else the working directory.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("STATE_DIRECTORY")
         .and_then(|v| {
             // systemd passes a colon-separated list when several are configured.
             v.to_str()
                 .and_then(|s| s.split(':').next())
                 .map(PathBuf::from)
         })
-        .unwrap_or_else(|| PathBuf::from("."));
-    dir.join("courier.db").to_string_lossy().into_owned()
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 impl Config {
@@ -183,6 +199,10 @@ impl Config {
 
     pub fn device_cache_ttl(&self) -> Duration {
         Duration::from_millis(self.device_cache_ttl_ms)
+    }
+
+    pub fn sender_certificate_lifetime(&self) -> Duration {
+        Duration::from_secs(self.sender_certificate_hours * 3600)
     }
 
     pub fn push_coalesce(&self) -> Duration {

@@ -22,7 +22,9 @@ pub const REGISTRATION_ID_RANGE: std::ops::RangeInclusive<i64> = 1..=16380;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     pub guid: Uuid,
-    pub source: Address,
+    /// The sending device; `None` for a sealed-sender copy, whose sender
+    /// only the recipient learns (from inside the ciphertext).
+    pub source: Option<Address>,
     pub msg_type: i32,
     /// The sender's timestamp (ms since the epoch), passed through.
     pub timestamp: i64,

@@ -1,6 +1,8 @@
 //! Pure rules: no I/O, no actix, no Diesel. Everything here is unit-tested in place.
 
+pub mod access;
 pub mod address;
+pub mod certificates;
 pub mod device_set;
 pub mod envelope;
 pub mod keys;

@@ -7,7 +7,7 @@ use super::openapi::{Internal, RateLimited, Unauthorized};
 use crate::error::{ApiError, ErrorBody};
 use crate::service::accounts;
 use crate::service::state::State;
-use crate::wire::{RegisterRequest, RegisteredDevice};
+use crate::wire::{AccountAttributes, RegisterRequest, RegisteredDevice};
 
 /// Register an account
 ///
@@ -55,5 +55,36 @@ pub async fn register(
 )]
 pub async fn delete_account(state: State, auth: Authenticated) -> Result<HttpResponse, ApiError> {
     accounts::delete_account(&state, auth.0).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Set the account's attributes
+///
+/// Who may send sealed-sender messages to the account: holders of its
+/// unidentified-access key (16 bytes, which clients derive from the profile
+/// key they share with contacts), or anyone when
+/// `unrestrictedUnidentifiedAccess` is `true`. Primary device only.
+#[utoipa::path(
+    put,
+    path = "/v1/accounts/attributes",
+    tag = "accounts",
+    security(("basic" = [])),
+    request_body = AccountAttributes,
+    responses(
+        (status = 204, description = "Set"),
+        (status = 400, description = "Malformed body, or a key that is not 16 bytes of base64", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "Not the primary device", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+    )
+)]
+pub async fn set_attributes(
+    state: State,
+    auth: Authenticated,
+    body: web::Json<AccountAttributes>,
+) -> Result<HttpResponse, ApiError> {
+    accounts::set_attributes(&state, auth.0, body.into_inner()).await?;
     Ok(HttpResponse::NoContent().finish())
 }

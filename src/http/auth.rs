@@ -12,6 +12,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use percent_encoding::percent_decode_str;
 
+use crate::domain::access::AccessKey;
 use crate::domain::address::Address;
 use crate::error::ApiError;
 use crate::service::accounts;
@@ -140,6 +141,96 @@ impl FromRequest for Authenticated {
             }
         })
     }
+}
+
+/// The header that carries a destination's unidentified-access key.
+pub const UNIDENTIFIED_ACCESS_KEY: &str = "unidentified-access-key";
+
+/// Who a send is from: an authenticated device, or (sealed sender) a caller
+/// with no credentials who presents the destination's unidentified-access
+/// key in `Unidentified-Access-Key`.
+#[derive(Debug, Clone, Copy)]
+pub enum Sender {
+    Device(Address),
+    Unidentified { key: AccessKey, client: IpAddr },
+}
+
+impl FromRequest for Sender {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let access = req.headers().get(UNIDENTIFIED_ACCESS_KEY).cloned();
+        let Some(access) = access else {
+            let auth = Authenticated::from_request(req, payload);
+            return Box::pin(async move { Ok(Sender::Device(auth.await?.0)) });
+        };
+        if req.headers().contains_key(header::AUTHORIZATION) {
+            return Box::pin(async {
+                Err(ApiError::bad_request(
+                    "send with either Authorization or Unidentified-Access-Key, not both",
+                ))
+            });
+        }
+        let Some(state) = req.app_data::<State>().cloned() else {
+            return Box::pin(async { Err(ApiError::Internal) });
+        };
+        let client = client_ip(req, &state.config.trusted_proxies);
+        let key = access.to_str().ok().and_then(access_key);
+        Box::pin(async move {
+            match key {
+                Some(key) => Ok(Sender::Unidentified { key, client }),
+                None => {
+                    state.limits.auth_failure(client).await?;
+                    Err(ApiError::Unauthorized)
+                }
+            }
+        })
+    }
+}
+
+/// An access key as clients write it: 16 bytes, standard base64.
+pub fn access_key(text: &str) -> Option<AccessKey> {
+    if text.len() > 64 {
+        return None;
+    }
+    STANDARD.decode(text.trim()).ok()?.try_into().ok()
+}
+
+/// Who opens a WebSocket: a device, or (no credentials at all) nobody, for
+/// an unidentified connection that only sends sealed-sender messages.
+#[derive(Debug, Clone, Copy)]
+pub enum Connecting {
+    Device(Address),
+    Unidentified(IpAddr),
+}
+
+impl FromRequest for Connecting {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        if carries_credentials(req) {
+            let auth = Authenticated::from_request(req, payload);
+            return Box::pin(async move { Ok(Connecting::Device(auth.await?.0)) });
+        }
+        let trusted = req
+            .app_data::<State>()
+            .map(|s| s.config.trusted_proxies.clone())
+            .unwrap_or_default();
+        let ip = client_ip(req, &trusted);
+        Box::pin(async move { Ok(Connecting::Unidentified(ip)) })
+    }
+}
+
+/// Whether the request tries to authenticate at all (even malformed): an
+/// `Authorization` header, or a `login`/`password` query on an upgrade.
+fn carries_credentials(req: &HttpRequest) -> bool {
+    req.headers().contains_key(header::AUTHORIZATION)
+        || req.query_string().split('&').any(|pair| {
+            let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+            matches!(name, "login" | "password")
+        })
 }
 
 #[cfg(test)]

@@ -2,10 +2,10 @@
 
 use actix_web::{web, HttpResponse};
 
-use super::auth::Authenticated;
+use super::auth::{Authenticated, Sender};
 use super::openapi::{Internal, RateLimited, Unauthorized};
 use crate::error::{ApiError, ErrorBody};
-use crate::service::messaging;
+use crate::service::messaging::{self, SendAs};
 use crate::service::state::State;
 use crate::wire::{MessageList, SendRequest, SendResponse};
 
@@ -13,19 +13,21 @@ use crate::wire::{MessageList, SendRequest, SendResponse};
 ///
 /// One ciphertext per current device of the destination account. Answered
 /// once every copy is acknowledged live or committed to its mailbox; a send
-/// refused with any error delivered nothing.
+/// refused with any error delivered nothing. Sealed sender: with no
+/// `Authorization` but the destination's `Unidentified-Access-Key`, every
+/// copy must be of type 6 and the envelopes delivered name no sender.
 #[utoipa::path(
     put,
     path = "/v1/messages/{uuid}",
     tag = "messages",
-    security(("basic" = [])),
+    security(("basic" = []), ("unidentified" = [])),
     params(("uuid" = String, Path, format = Uuid, description = "The destination account")),
     request_body = SendRequest,
     responses(
         (status = 200, description = "Every copy's outcome", body = SendResponse),
-        (status = 400, description = "Malformed body or destination, empty or non-base64 content, a device addressed twice", body = ErrorBody),
+        (status = 400, description = "Malformed body or destination, empty or non-base64 content, a device addressed twice; an unidentified copy not of type 6; both kinds of credentials", body = ErrorBody),
         (status = 401, response = Unauthorized),
-        (status = 404, description = "No such account", body = ErrorBody),
+        (status = 404, description = "No such account (identified sends only: an unidentified send to an unknown account is 401)", body = ErrorBody),
         (status = 409, description = "The device set is not current: `missingDevices`, `extraDevices` (mismatched_devices)", body = ErrorBody),
         (status = 410, description = "Devices re-registered: `staleDevices` (stale_devices)", body = ErrorBody),
         (status = 413, description = "A copy over 256 KiB, or a body over 8 MiB", body = ErrorBody),
@@ -37,11 +39,15 @@ use crate::wire::{MessageList, SendRequest, SendResponse};
 )]
 pub async fn send_messages(
     state: State,
-    auth: Authenticated,
+    sender: Sender,
     path: web::Path<String>,
     body: web::Json<SendRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let answer = messaging::send(&state, auth.0, &path, body.into_inner()).await?;
+    let from = match sender {
+        Sender::Device(address) => SendAs::Device(address),
+        Sender::Unidentified { key, client } => SendAs::Unidentified { key, client },
+    };
+    let answer = messaging::send(&state, from, &path, body.into_inner()).await?;
     Ok(HttpResponse::Ok().json(answer))
 }
 

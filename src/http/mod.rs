@@ -14,6 +14,7 @@ use crate::service::state::State;
 
 pub mod accounts;
 pub mod auth;
+pub mod certificates;
 pub mod devices;
 pub mod keys;
 pub mod messages;
@@ -47,6 +48,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource(
             "/v1/accounts/me",
             [(M::DELETE, web::to(accounts::delete_account))],
+        ))
+        .service(resource(
+            "/v1/accounts/attributes",
+            [(M::PUT, web::to(accounts::set_attributes))],
+        ))
+        .service(resource(
+            "/v1/certificate/trust-root",
+            [(M::GET, web::to(certificates::trust_root))],
+        ))
+        .service(resource(
+            "/v1/certificate/delivery",
+            [(M::GET, web::to(certificates::delivery))],
         ))
         .service(resource(
             "/v1/devices/provisioning",

@@ -8,14 +8,16 @@ use std::sync::OnceLock;
 use actix_web::http::header::ContentType;
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
-use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToResponse};
 
-use super::{accounts, devices, keys, messages, ops, push, rendezvous, websocket};
+use super::{accounts, certificates, devices, keys, messages, ops, push, rendezvous, websocket};
 use crate::error::ErrorBody;
 
 /// The name of the HTTP Basic scheme in the document.
 pub const BASIC: &str = "basic";
+/// The name of the sealed-sender scheme (`Unidentified-Access-Key`).
+pub const UNIDENTIFIED: &str = "unidentified";
 
 #[derive(OpenApi)]
 #[openapi(
@@ -46,6 +48,9 @@ pub const BASIC: &str = "basic";
         push::get_vapid_key,
         push::put_subscription,
         push::delete_subscription,
+        certificates::trust_root,
+        certificates::delivery,
+        accounts::set_attributes,
         openapi_json,
     ),
     components(responses(Unauthorized, RateLimited, Internal)),
@@ -62,10 +67,15 @@ impl Modify for BasicAuth {
         scheme.description = Some(
             "Username `UUID.DEVICE` (or `UUID` for device 1), password the device's secret.".into(),
         );
-        openapi
-            .components
-            .get_or_insert_with(Default::default)
-            .add_security_scheme(BASIC, SecurityScheme::Http(scheme));
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(BASIC, SecurityScheme::Http(scheme));
+        components.add_security_scheme(
+            UNIDENTIFIED,
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "Unidentified-Access-Key",
+                "Sealed sender: the destination account's 16-byte unidentified-access key, base64.",
+            ))),
+        );
     }
 }
 

@@ -3,7 +3,7 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::auth::Authenticated;
+use super::auth::Connecting;
 use super::openapi::{Internal, RateLimited, Unauthorized};
 use crate::error::{ApiError, ErrorBody};
 use crate::service::state::State;
@@ -15,11 +15,14 @@ use crate::service::state::State;
 /// `docs/protocol.md`. Browsers, which cannot set headers on a WebSocket, may
 /// authenticate with the `login` and `password` query parameters instead
 /// (upgrade requests only; values are percent-decoded, `+` stays `+`).
+/// With no credentials at all the connection is *unidentified*: it only
+/// sends sealed-sender messages, each `send` frame carrying the
+/// destination's `unidentifiedAccessKey`, and receives nothing.
 #[utoipa::path(
     get,
     path = "/v1/websocket",
     tag = "websocket",
-    security(("basic" = [])),
+    security(("basic" = []), ()),
     params(
         ("Upgrade" = String, Header, pattern = "^websocket$"),
         ("Connection" = String, Header, pattern = "[Uu]pgrade", description = "Must include `Upgrade`"),
@@ -43,10 +46,15 @@ pub async fn connect(
     req: HttpRequest,
     payload: web::Payload,
     state: State,
-    auth: Authenticated,
+    who: Connecting,
 ) -> Result<HttpResponse, actix_web::Error> {
     if state.is_draining() {
         return Err(ApiError::Unavailable.into());
     }
-    crate::ws::start(&req, payload, auth.0, state)
+    match who {
+        Connecting::Device(address) => crate::ws::start(&req, payload, address, state),
+        Connecting::Unidentified(client) => {
+            crate::ws::start_unidentified(&req, payload, client, state)
+        }
+    }
 }

@@ -96,6 +96,13 @@ limits! {
     /// `PUT /v1/push` (new or changed push subscriptions) per account: each
     /// one makes the server resolve a host name.
     PushSubscribePerAccount: "push_subscribe_per_account", Rate::new(20, HOUR), Account;
+    /// Sealed-sender sends (single and multi-recipient) per client IP: they
+    /// name no sender to count against.
+    UnidentifiedSendPerIp: "unidentified_send_per_ip", Rate::new(6_000, MINUTE), ClientIp;
+    /// Sealed-sender sends per destination account.
+    UnidentifiedSendPerDestination: "unidentified_send_per_destination", Rate::new(6_000, MINUTE), Account;
+    /// `GET /v1/certificate/delivery` per account: each is a signature.
+    SenderCertificatePerAccount: "sender_certificate_per_account", Rate::new(100, HOUR), Account;
 }
 
 impl Limit {
@@ -284,6 +291,17 @@ impl Limiters {
         self.check(Limit::SendsPerAccount, account).await
     }
 
+    /// A sealed-sender send from `ip` to `destination` (both must allow it).
+    pub async fn unidentified_send(
+        &self,
+        ip: IpAddr,
+        destination: AccountId,
+    ) -> Result<(), ApiError> {
+        self.check(Limit::UnidentifiedSendPerIp, ip).await?;
+        self.check(Limit::UnidentifiedSendPerDestination, destination)
+            .await
+    }
+
     /// Both the per-account and the per-(account, target) limit must allow it.
     pub async fn bundle_fetch(
         &self,
@@ -453,6 +471,9 @@ mod tests {
                 "rendezvous_create_per_account = 10/min",
                 "rendezvous_join_per_account = 30/min",
                 "push_subscribe_per_account = 20/h",
+                "unidentified_send_per_ip = 6000/min",
+                "unidentified_send_per_destination = 6000/min",
+                "sender_certificate_per_account = 100/h",
             ]
         );
     }

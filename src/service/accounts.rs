@@ -2,9 +2,12 @@
 
 use std::net::IpAddr;
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 use subtle::ConstantTimeEq;
 
 use crate::cluster::packet::Removed;
+use crate::domain::access::AccessPolicy;
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::domain::envelope::REGISTRATION_ID_RANGE;
 use crate::domain::secret;
@@ -12,7 +15,9 @@ use crate::error::ApiError;
 use crate::service::cluster;
 use crate::service::state::State;
 use crate::store::{self, accounts::LinkRefusal, accounts::NewDevice};
-use crate::wire::{DeviceInfo, LinkRequest, ProvisioningCode, RegisterRequest, RegisteredDevice};
+use crate::wire::{
+    AccountAttributes, DeviceInfo, LinkRequest, ProvisioningCode, RegisterRequest, RegisteredDevice,
+};
 
 /// Authenticated requests refresh `lastSeenAt` at most this often.
 const LAST_SEEN_GRANULARITY_MS: i64 = 60 * 60 * 1000;
@@ -187,6 +192,45 @@ pub async fn delete_account(state: &State, device: Address) -> Result<(), ApiErr
     .await?;
     cluster::announce(state, device.account, Some(Removed::Account)).await;
     log::info!("deleted account {}", device.account);
+    Ok(())
+}
+
+/// `PUT /v1/accounts/attributes` (primary only): who may send sealed-sender
+/// messages to the account.
+pub async fn set_attributes(
+    state: &State,
+    device: Address,
+    body: AccountAttributes,
+) -> Result<(), ApiError> {
+    if !device.device.is_primary() {
+        return Err(ApiError::Forbidden(
+            "only the primary device sets the account's attributes",
+        ));
+    }
+    let key = match body.unidentified_access_key.as_deref() {
+        None => None,
+        Some(text) => Some(
+            STANDARD
+                .decode(text)
+                .ok()
+                .and_then(|k| k.try_into().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request("unidentifiedAccessKey must be 16 bytes, standard base64")
+                })?,
+        ),
+    };
+    let policy = AccessPolicy {
+        key,
+        unrestricted: body.unrestricted_unidentified_access,
+    };
+    let found = store::blocking(&state.pool, move |conn| {
+        store::accounts::set_access_policy(conn, device.account, &policy).map_err(ApiError::from)
+    })
+    .await?;
+    if !found {
+        // Deleted since it authenticated.
+        return Err(ApiError::Unauthorized);
+    }
     Ok(())
 }
 

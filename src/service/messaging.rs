@@ -9,6 +9,7 @@
 //! outcome, so no routed copy is ever left unaccounted for).
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
@@ -17,9 +18,12 @@ use uuid::Uuid;
 use crate::actors::mailbox::quota::{Reserve, Reserved};
 use crate::actors::mailbox::spill_status;
 use crate::actors::router::{AckAt, Route, Via};
+use crate::domain::access::{self, AccessKey};
 use crate::domain::address::{AccountId, Address};
 use crate::domain::device_set::{self, DeviceSetError};
-use crate::domain::envelope::{new_guid, validate_send, DeviceCopy, Envelope, SendRefusal};
+use crate::domain::envelope::{
+    new_guid, validate_send, DeviceCopy, Envelope, SendRefusal, ValidSend,
+};
 use crate::error::ApiError;
 use crate::service::state::State;
 use crate::store;
@@ -51,10 +55,26 @@ impl From<DeviceSetError> for ApiError {
     }
 }
 
+/// Who a send comes from, as far as the server may know.
+#[derive(Debug, Clone, Copy)]
+pub enum SendAs {
+    /// An authenticated device.
+    Device(Address),
+    /// Sealed sender: nobody the server knows. The destination account's
+    /// unidentified-access key opens the send; it is counted against the
+    /// client's address and the destination instead of a sender.
+    Unidentified { key: AccessKey, client: IpAddr },
+}
+
+/// The Signal envelope type of a sealed-sender copy (`UNIDENTIFIED_SENDER`):
+/// the only type an unidentified send may carry.
+pub const UNIDENTIFIED_SENDER_TYPE: i32 = 6;
+
 /// A send that passed every check and may be routed.
 #[derive(Debug)]
 pub struct Prepared {
-    sender: Address,
+    /// `None` for a sealed-sender send.
+    sender: Option<Address>,
     dest: AccountId,
     ephemeral: bool,
     timestamp: i64,
@@ -74,7 +94,7 @@ pub fn validate_body(body: SendRequest) -> Result<usize, ApiError> {
 /// Nothing is delivered from a send refused here.
 pub async fn prepare(
     state: &State,
-    sender: Address,
+    from: SendAs,
     destination: &str,
     body: SendRequest,
 ) -> Result<Prepared, ApiError> {
@@ -85,6 +105,12 @@ pub async fn prepare(
         .parse()
         .map_err(|_| ApiError::bad_request("destination is not an account UUID"))?;
     let send = validate_send(body.into())?;
+    let sender = match from {
+        SendAs::Device(sender) => sender,
+        SendAs::Unidentified { key, client } => {
+            return prepare_unidentified(state, key, client, dest, send).await;
+        }
+    };
     state.limits.send(sender.account).await?;
 
     // A device deleted since it authenticated (or since its socket opened)
@@ -111,6 +137,60 @@ pub async fn prepare(
         .collect();
     let exclude = (dest == sender.account).then_some(sender.device.0);
     device_set::check(&current, &requested, exclude)?;
+    reserved(state, Some(sender), dest, send).await
+}
+
+/// [`prepare`] for a sealed-sender send: every copy of type 6, the rate
+/// limits of the client's address and of the destination, then the
+/// destination's access key. An unknown account and a wrong key are the same
+/// `401`, so the send tells nothing of who has an account.
+async fn prepare_unidentified(
+    state: &State,
+    key: AccessKey,
+    client: IpAddr,
+    dest: AccountId,
+    send: ValidSend,
+) -> Result<Prepared, ApiError> {
+    if send
+        .copies
+        .iter()
+        .any(|c| c.msg_type != UNIDENTIFIED_SENDER_TYPE)
+    {
+        return Err(ApiError::bad_request(
+            "an unidentified send carries only sealed-sender copies (type 6)",
+        ));
+    }
+    state.limits.unidentified_send(client, dest).await?;
+    let policy = store::blocking(&state.pool, move |conn| {
+        store::accounts::access_policy(conn, dest).map_err(ApiError::from)
+    })
+    .await?;
+    if !policy.is_some_and(|policy| access::allows(&policy, &key)) {
+        state.limits.auth_failure(client).await?;
+        return Err(ApiError::Unauthorized);
+    }
+    let current = state
+        .directory
+        .devices(&state.pool, dest)
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    let requested: Vec<(u32, i64)> = send
+        .copies
+        .iter()
+        .map(|c| (c.device.0, c.registration_id))
+        .collect();
+    device_set::check(&current, &requested, None)?;
+    reserved(state, None, dest, send).await
+}
+
+/// The prepared send, with a mailbox slot reserved per copy (none for an
+/// ephemeral send).
+async fn reserved(
+    state: &State,
+    sender: Option<Address>,
+    dest: AccountId,
+    send: ValidSend,
+) -> Result<Prepared, ApiError> {
     let slots = if send.ephemeral {
         Vec::new()
     } else {
@@ -227,11 +307,11 @@ pub fn route(
 /// already routed.
 pub async fn send(
     state: &State,
-    sender: Address,
+    from: SendAs,
     destination: &str,
     body: SendRequest,
 ) -> Result<SendResponse, ApiError> {
-    let prepared = prepare(state, sender, destination, body).await?;
+    let prepared = prepare(state, from, destination, body).await?;
     actix_web::rt::spawn(route(state, prepared))
         .await
         .unwrap_or(Err(ApiError::Internal))

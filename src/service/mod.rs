@@ -5,6 +5,7 @@
 //! keys) run on an interval over the shared state.
 
 pub mod accounts;
+pub mod certificates;
 pub mod cluster;
 pub mod credentials;
 pub mod directory;

@@ -14,6 +14,7 @@ use crate::actors::router::Router;
 use crate::config::Config;
 use crate::limits::Limiters;
 use crate::metrics::Metrics;
+use crate::service::certificates::Certificates;
 use crate::service::cluster::Cluster;
 use crate::service::credentials::Credentials;
 use crate::service::directory::Directory;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub pusher: Addr<Pusher>,
     /// The server's VAPID public key, base64url (`GET /v1/push/vapid-key`).
     pub vapid_public_key: String,
+    /// The sealed-sender trust root and server key (`/v1/certificate/*`).
+    pub certificates: Arc<Certificates>,
     pub limits: Limiters,
     pub metrics: Metrics,
     /// Cached device sets for the send path.

@@ -4,6 +4,7 @@ use diesel::prelude::*;
 
 use super::schema::{accounts, devices, mailbox, mailbox_counts, provisioning_codes};
 use super::{with_conn, write_batch, Conn, StoreError};
+use crate::domain::access::AccessPolicy;
 use crate::domain::address::{AccountId, Address, DeviceId, PRIMARY_DEVICE};
 
 /// What is stored of a device secret: a salt and SHA-256(salt || secret).
@@ -256,4 +257,56 @@ pub fn sweep_provisioning_codes(conn: &mut Conn, now: i64) -> Result<usize, Stor
         .filter(provisioning_codes::expires_at.le(now))
         .execute(c))?;
     Ok(n)
+}
+
+/// An account's unidentified-access policy; `None` when there is no such
+/// account.
+pub fn access_policy(
+    conn: &mut Conn,
+    account: AccountId,
+) -> Result<Option<AccessPolicy>, StoreError> {
+    let id = account.as_db();
+    let row: Option<(Option<Vec<u8>>, bool)> = with_conn!(conn, c => accounts::table
+        .filter(accounts::uuid.eq(&id))
+        .select((
+            accounts::unidentified_access_key,
+            accounts::unrestricted_unidentified_access,
+        ))
+        .first(c)
+        .optional())?;
+    Ok(row.map(|(key, unrestricted)| AccessPolicy {
+        // Only 16-byte keys are ever written; anything else opens nothing.
+        key: key.and_then(|k| k.try_into().ok()),
+        unrestricted,
+    }))
+}
+
+/// Sets an account's unidentified-access policy; `false` when there is no
+/// such account.
+pub fn set_access_policy(
+    conn: &mut Conn,
+    account: AccountId,
+    policy: &AccessPolicy,
+) -> Result<bool, StoreError> {
+    let id = account.as_db();
+    let key = policy.key.map(|k| k.to_vec());
+    let n = with_conn!(conn, c => diesel::update(accounts::table)
+        .filter(accounts::uuid.eq(&id))
+        .set((
+            accounts::unidentified_access_key.eq(&key),
+            accounts::unrestricted_unidentified_access.eq(policy.unrestricted),
+        ))
+        .execute(c))?;
+    Ok(n > 0)
+}
+
+/// The account's identity key, if it has uploaded one.
+pub fn identity_key(conn: &mut Conn, account: AccountId) -> Result<Option<Vec<u8>>, StoreError> {
+    let id = account.as_db();
+    let key: Option<Option<Vec<u8>>> = with_conn!(conn, c => accounts::table
+        .filter(accounts::uuid.eq(&id))
+        .select(accounts::identity_key)
+        .first(c)
+        .optional())?;
+    Ok(key.flatten())
 }

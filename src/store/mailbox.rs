@@ -36,7 +36,17 @@ pub enum Write<'a> {
 /// on bind parameters.
 const INSERT_CHUNK: usize = 500;
 
-type Row = (String, i64, String, String, i64, i32, i64, i64, Vec<u8>);
+type Row = (
+    String,
+    i64,
+    String,
+    Option<String>,
+    Option<i64>,
+    i32,
+    i64,
+    i64,
+    Vec<u8>,
+);
 
 /// Adds `delta` to a device's row in `mailbox_counts` (creating it).
 macro_rules! adjust_count {
@@ -162,8 +172,8 @@ fn row(dest: Address, e: &Envelope) -> Row {
         dest.account.as_db(),
         dest.device.as_db(),
         e.guid.hyphenated().to_string(),
-        e.source.account.as_db(),
-        e.source.device.as_db(),
+        e.source.map(|s| s.account.as_db()),
+        e.source.map(|s| s.device.as_db()),
         e.msg_type,
         e.timestamp,
         e.server_timestamp,
@@ -197,6 +207,17 @@ pub fn load_page(
         .filter(mailbox::guid.gt(after))
         .order(mailbox::guid.asc())
         .limit(limit)
+        .select((
+            mailbox::account,
+            mailbox::device_id,
+            mailbox::guid,
+            mailbox::source,
+            mailbox::source_device,
+            mailbox::msg_type,
+            mailbox::timestamp,
+            mailbox::server_timestamp,
+            mailbox::content,
+        ))
         .load(c))?;
     Ok(Page {
         rows: rows.len(),
@@ -211,7 +232,14 @@ fn envelope(r: Row) -> Option<Envelope> {
     let parsed = (|| {
         Some(Envelope {
             guid: Uuid::parse_str(&r.2).ok()?,
-            source: Address::new(r.3.parse().ok()?, DeviceId::from_db(r.4)),
+            source: match (r.3, r.4) {
+                (Some(account), Some(device)) => Some(Address::new(
+                    account.parse().ok()?,
+                    DeviceId::from_db(device),
+                )),
+                (None, None) => None,
+                _ => return None,
+            },
             msg_type: r.5,
             timestamp: r.6,
             server_timestamp: r.7,

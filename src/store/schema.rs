@@ -7,6 +7,8 @@ diesel::table! {
         identity_key -> Nullable<Binary>,
         next_device_id -> BigInt,
         created_at -> BigInt,
+        unidentified_access_key -> Nullable<Binary>,
+        unrestricted_unidentified_access -> Bool,
     }
 }
 
@@ -74,12 +76,23 @@ diesel::table! {
         account -> Text,
         device_id -> BigInt,
         guid -> Text,
-        source -> Text,
-        source_device -> BigInt,
+        source -> Nullable<Text>,
+        source_device -> Nullable<BigInt>,
         msg_type -> Integer,
         timestamp -> BigInt,
         server_timestamp -> BigInt,
         content -> Binary,
+        key_id -> Nullable<Integer>,
+        shared_id -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    mailbox_shared (id) {
+        id -> Text,
+        key_id -> Nullable<Integer>,
+        content -> Binary,
+        created_at -> BigInt,
     }
 }
 
@@ -122,6 +135,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     pq_one_time_pre_keys,
     provisioning_codes,
     mailbox,
+    mailbox_shared,
     mailbox_counts,
     vapid_key,
     push_subscriptions,

@@ -253,11 +253,13 @@ pub struct SendResponse {
 pub struct EnvelopeJson {
     #[schema(format = Uuid)]
     pub guid: String,
-    /// The sending account.
+    /// The sending account; absent for a sealed-sender copy (type 6).
     #[schema(format = Uuid)]
-    pub source: String,
-    #[schema(value_type = i64, minimum = 1, maximum = 4294967295_u32)]
-    pub source_device: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 4294967295_u32)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_device: Option<u32>,
     #[serde(rename = "type")]
     pub msg_type: i32,
     /// The sender's timestamp.
@@ -272,8 +274,8 @@ impl From<&Envelope> for EnvelopeJson {
     fn from(e: &Envelope) -> Self {
         EnvelopeJson {
             guid: e.guid.hyphenated().to_string(),
-            source: e.source.account.to_string(),
-            source_device: e.source.device.0,
+            source: e.source.map(|s| s.account.to_string()),
+            source_device: e.source.map(|s| s.device.0),
             msg_type: e.msg_type,
             timestamp: e.timestamp,
             server_timestamp: e.server_timestamp,
@@ -376,4 +378,37 @@ pub struct VapidKey {
     /// point, base64url without padding; a client passes it as
     /// `applicationServerKey` when it subscribes.
     pub public_key: String,
+}
+
+/// `GET /v1/certificate/trust-root`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrustRoot {
+    /// The trust root's public key: 33 bytes (`0x05` + Curve25519), standard
+    /// base64. Sealed-sender clients validate sender certificates against it.
+    pub public_key: String,
+}
+
+/// `GET /v1/certificate/delivery`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryCertificate {
+    /// A libsignal `SenderCertificate` (protobuf), standard base64.
+    pub certificate: String,
+}
+
+/// `PUT /v1/accounts/attributes`: who may send to the account without
+/// identifying themselves (sealed sender).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccountAttributes {
+    /// The account's unidentified-access key: 16 bytes, standard base64;
+    /// `null` removes it.
+    #[serde(default)]
+    #[schema(min_length = 24, max_length = 24)]
+    pub unidentified_access_key: Option<String>,
+    /// `true`: anyone may send sealed-sender messages to the account,
+    /// whatever key they present.
+    #[serde(default)]
+    pub unrestricted_unidentified_access: bool,
 }

@@ -51,12 +51,17 @@ pub struct SendFrame {
     #[serde(default)]
     pub online: Option<bool>,
     pub messages: Vec<OutgoingMessage>,
+    /// Sealed sender, on an unidentified connection only: the destination
+    /// account's access key, base64.
+    #[serde(default, rename = "unidentifiedAccessKey")]
+    pub unidentified_access_key: Option<String>,
 }
 
 impl SendFrame {
-    pub fn into_parts(self) -> (String, SendRequest) {
+    pub fn into_parts(self) -> (String, Option<String>, SendRequest) {
         (
             self.destination,
+            self.unidentified_access_key,
             SendRequest {
                 timestamp: self.timestamp,
                 online: self.online,
@@ -79,6 +84,8 @@ pub enum ClientFrame {
     Send {
         id: serde_json::Number,
         destination: String,
+        /// `unidentifiedAccessKey`, if the frame carries one.
+        access_key: Option<String>,
         body: SendRequest,
     },
     /// A `send` with a usable id but a body that does not parse: answered
@@ -103,10 +110,11 @@ pub fn parse_client_frame(text: &str) -> ClientFrame {
             Some(id) if id.is_i64() || id.is_u64() => match serde_json::from_str::<SendFrame>(text)
             {
                 Ok(f) => {
-                    let (destination, body) = f.into_parts();
+                    let (destination, access_key, body) = f.into_parts();
                     ClientFrame::Send {
                         id,
                         destination,
+                        access_key,
                         body,
                     }
                 }
@@ -139,16 +147,20 @@ pub fn message_frame(e: &Envelope) -> String {
     // Writing into a String cannot fail.
     let _ = write!(
         out,
-        concat!(
-            r#"{{"op":"message","envelope":{{"guid":"{}","source":"{}","sourceDevice":{},"#,
-            r#""type":{},"timestamp":{},"serverTimestamp":{},"content":""#
-        ),
-        e.guid.hyphenated(),
-        e.source.account,
-        e.source.device.0,
-        e.msg_type,
-        e.timestamp,
-        e.server_timestamp,
+        r#"{{"op":"message","envelope":{{"guid":"{}","#,
+        e.guid.hyphenated()
+    );
+    if let Some(source) = e.source {
+        let _ = write!(
+            out,
+            r#""source":"{}","sourceDevice":{},"#,
+            source.account, source.device.0
+        );
+    }
+    let _ = write!(
+        out,
+        r#""type":{},"timestamp":{},"serverTimestamp":{},"content":""#,
+        e.msg_type, e.timestamp, e.server_timestamp,
     );
     STANDARD.encode_string(&e.content, &mut out);
     out.push_str("\"}}");

@@ -26,10 +26,10 @@ mod tests {
     fn message_frame_is_the_serde_form() {
         let e = Envelope {
             guid: crate::domain::envelope::new_guid(),
-            source: crate::domain::address::Address {
+            source: Some(crate::domain::address::Address {
                 account: crate::domain::address::AccountId::random(),
                 device: crate::domain::address::DeviceId(7),
-            },
+            }),
             msg_type: 3,
             timestamp: -1,
             server_timestamp: 1_700_000_000_000,
@@ -50,6 +50,23 @@ mod tests {
         };
         let direct: Value = serde_json::from_str(&message_frame(&empty)).unwrap();
         assert_eq!(direct["envelope"]["content"], "");
+        // A sealed-sender copy names no sender, in either form.
+        let sealed = Envelope {
+            source: None,
+            msg_type: 6,
+            ..empty
+        };
+        let direct: Value = serde_json::from_str(&message_frame(&sealed)).unwrap();
+        let serde: Value = serde_json::from_str(
+            &ServerFrame::Message {
+                envelope: (&sealed).into(),
+            }
+            .to_text(),
+        )
+        .unwrap();
+        assert_eq!(direct, serde);
+        assert!(direct["envelope"].get("source").is_none());
+        assert!(direct["envelope"].get("sourceDevice").is_none());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use super::gate::RATE_LIMITED_PAUSE;
 use super::session::{close_code, DeviceSession};
 use crate::error::ApiError;
-use crate::service::messaging;
+use crate::service::messaging::{self, SendAs};
 use crate::wire::{self, ClientFrame, ServerFrame, MAX_SEND_BYTES};
 
 /// Consecutive unusable frames tolerated before the connection is closed.
@@ -76,7 +76,21 @@ impl DeviceSession {
         match wire::parse_client_frame(text) {
             ClientFrame::Send {
                 id,
+                access_key: Some(_),
+                ..
+            } => {
+                // Sent here, the device's own connection would tie it to
+                // the sealed message.
+                self.bad_frames = 0;
+                let refusal = ApiError::bad_request(
+                    "sealed-sender sends go over an unidentified connection, not the device's own",
+                );
+                self.send_text(response_frame(&id, Err(refusal)), ctx);
+            }
+            ClientFrame::Send {
+                id,
                 destination,
+                access_key: None,
                 body,
             } => self.on_send(id, destination, body, ctx),
             ClientFrame::InvalidSend { id, reason } => {
@@ -150,7 +164,8 @@ impl DeviceSession {
         let (routed_tx, routed_rx) = oneshot::channel();
         self.last_routed = Some(routed_rx);
         let work = async move {
-            let prepared = messaging::prepare(&state, sender, &destination, body).await;
+            let prepared =
+                messaging::prepare(&state, SendAs::Device(sender), &destination, body).await;
             if let Some(previous) = previous {
                 let _ = previous.await;
             }
@@ -201,7 +216,10 @@ impl Handler<Answered> for DeviceSession {
     }
 }
 
-fn response_frame(id: &serde_json::Number, result: Result<wire::SendResponse, ApiError>) -> String {
+pub(super) fn response_frame(
+    id: &serde_json::Number,
+    result: Result<wire::SendResponse, ApiError>,
+) -> String {
     match result {
         Ok(r) => wire::response_frame(id, 200, &r),
         Err(e) => wire::response_frame(id, e.status().as_u16(), &e.body()),

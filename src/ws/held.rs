@@ -289,7 +289,7 @@ mod tests {
         Deliver {
             envelope: Arc::new(Envelope {
                 guid: new_guid(),
-                source: Address::new(AccountId(Uuid::nil()), DeviceId(1)),
+                source: Some(Address::new(AccountId(Uuid::nil()), DeviceId(1))),
                 msg_type: 1,
                 timestamp: 0,
                 server_timestamp: 0,

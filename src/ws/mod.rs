@@ -10,6 +10,8 @@
 //! - [`gate`]: backpressure on a connection's sends.
 //! - [`transport`]: the byte stream, which a stalled peer cannot freeze.
 //! - [`rendezvous`]: one side of a rendezvous channel (its own small actor).
+//! - [`unidentified`]: a connection without credentials that only sends
+//!   sealed-sender messages (its own small actor).
 
 pub mod frames;
 pub mod gate;
@@ -18,6 +20,7 @@ pub mod rendezvous;
 pub mod replay;
 pub mod session;
 pub mod transport;
+pub mod unidentified;
 
 use actix::{Actor, AsyncContext};
 use actix_http::body::{BodyStream, MessageBody};
@@ -45,6 +48,26 @@ pub fn start(
     DeviceSession::create(move |ctx| {
         ctx.add_stream(frames);
         DeviceSession::new(address, state, gate, outbox, socket)
+    });
+    Ok(response.message_body(BodyStream::new(body).boxed())?.into())
+}
+
+/// Answers the upgrade of an unidentified connection (no credentials) and
+/// starts its [`unidentified::SenderSession`].
+pub fn start_unidentified(
+    req: &HttpRequest,
+    payload: web::Payload,
+    client: std::net::IpAddr,
+    state: State,
+) -> Result<HttpResponse, actix_web::Error> {
+    let mut response = actix_http::ws::handshake(req.head())?;
+    let (outbox, body) = Outbox::new();
+    let gate = InflightGate::new(state.config.max_inflight_sends);
+    let socket = req.conn_data::<ConnSocket>().cloned();
+    let frames = GatedStream::new(Inbox::new(payload, frames::MAX_FRAME_BYTES), gate.clone());
+    unidentified::SenderSession::create(move |ctx| {
+        ctx.add_stream(frames);
+        unidentified::SenderSession::new(client, state, gate, outbox, socket)
     });
     Ok(response.message_body(BodyStream::new(body).boxed())?.into())
 }

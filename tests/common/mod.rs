@@ -161,10 +161,24 @@ fn replace_db(url: &str, name: &str) -> String {
     }
 }
 
+/// One sealed-sender certificate set for every server of this test process
+/// (so the nodes of a test cluster share it, as they must), made on first use
+/// in a temp dir that lives as long as the process.
+pub fn certificates_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        courier::service::certificates::generate(dir.path(), 1).expect("certificate set");
+        dir
+    })
+    .path()
+}
+
 /// The configuration tests start from: rate limits off (tests that check a
 /// limit turn it on), short ack timeout, small pool.
 pub fn test_config(db: &Database) -> Config {
     Config {
+        certificates_dir: Some(certificates_dir().to_path_buf()),
         bind: "127.0.0.1:0".into(),
         database_url: db.url(),
         ack_timeout_ms: 300,

@@ -28,6 +28,7 @@ impl CourierProcess {
             .env("COURIER_DATABASE_URL", database_url)
             .env("COURIER_RATE_LIMITS", "off")
             .env("COURIER_WORKERS", "2")
+            .env("COURIER_CERTIFICATES_DIR", super::certificates_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -75,6 +75,8 @@ struct Spawned {
     log: Arc<Mutex<LogTail>>,
     /// Holds the SQLite file; deleted when the server is dropped.
     _dir: Option<tempfile::TempDir>,
+    /// The server's sealed-sender certificate set, made on its first start.
+    _certificates: tempfile::TempDir,
 }
 
 /// A courier to drive.
@@ -123,8 +125,13 @@ impl Courier {
                 (Some(dir), path)
             }
         };
+        let certificates = tempfile::Builder::new()
+            .prefix("courier-load-certificates-")
+            .tempdir()
+            .context("temp dir for the certificate set")?;
         let mut cmd = Command::new(&opts.bin);
         cmd.arg("serve")
+            .env("COURIER_CERTIFICATES_DIR", certificates.path())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -195,6 +202,7 @@ impl Courier {
                 child,
                 log,
                 _dir: dir,
+                _certificates: certificates,
             }),
         };
         let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))

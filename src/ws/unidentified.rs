@@ -1,0 +1,274 @@
+//! `SenderSession`: an unidentified WebSocket (an upgrade with no
+//! credentials at all), over which clients send sealed-sender messages
+//! without the server learning which device sends them.
+//!
+//! It only sends: it is registered nowhere, receives no messages and no
+//! `queue-empty`, and each `send` frame must carry the destination's
+//! `unidentifiedAccessKey`. Sends are routed in frame order and answered
+//! with `response` frames, with the same backpressure, heartbeat and output
+//! bound as a device's connection.
+
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, StreamHandler};
+use actix_http::ws::{Frame, Item, ProtocolError};
+use tokio::sync::oneshot;
+
+use super::frames::{response_frame, MAX_FRAME_BYTES};
+use super::gate::{InflightGate, RATE_LIMITED_PAUSE};
+use super::session::MAX_UNSENT_BYTES;
+use super::session::{close_code, CLIENT_TIMEOUT, CLOSE_GRACE, HEARTBEAT_INTERVAL};
+use super::transport::{finish_or_cut, ConnSocket, Outbox};
+use crate::error::ApiError;
+use crate::http::auth::access_key;
+use crate::service::messaging::{self, SendAs};
+use crate::service::state::State;
+use crate::wire::{self, ClientFrame, ServerFrame, MAX_SEND_BYTES};
+
+/// Consecutive unusable frames tolerated before the connection is closed.
+const MAX_BAD_FRAMES: u32 = 100;
+
+pub struct SenderSession {
+    client: IpAddr,
+    state: State,
+    gate: Rc<InflightGate>,
+    outbox: Outbox,
+    socket: Option<ConnSocket>,
+    heartbeat: Instant,
+    /// Completes when the previous send has been routed (frame order).
+    last_routed: Option<oneshot::Receiver<()>>,
+    bad_frames: u32,
+    /// A text message arriving in fragments; `None` while skipping one.
+    fragments: Option<Vec<u8>>,
+}
+
+impl SenderSession {
+    pub fn new(
+        client: IpAddr,
+        state: State,
+        gate: Rc<InflightGate>,
+        outbox: Outbox,
+        socket: Option<ConnSocket>,
+    ) -> Self {
+        SenderSession {
+            client,
+            state,
+            gate,
+            outbox,
+            socket,
+            heartbeat: Instant::now(),
+            last_routed: None,
+            bad_frames: 0,
+            fragments: None,
+        }
+    }
+
+    fn send_text(&mut self, text: String, ctx: &mut Context<Self>) {
+        self.outbox.text(text);
+        if self.outbox.unsent() > MAX_UNSENT_BYTES {
+            self.abort(ctx);
+        }
+    }
+
+    fn close(&mut self, code: u16, why: &str, ctx: &mut Context<Self>) {
+        self.outbox.close(Some(actix_http::ws::CloseReason {
+            code: code.into(),
+            description: Some(why.to_owned()),
+        }));
+        ctx.stop();
+    }
+
+    fn abort(&mut self, ctx: &mut Context<Self>) {
+        match self.socket {
+            Some(socket) => self.outbox.cut(socket),
+            None => self.outbox.finish(),
+        }
+        ctx.stop();
+    }
+
+    fn bad_frame(&mut self, message: &str, ctx: &mut Context<Self>) {
+        self.bad_frames += 1;
+        self.send_text(ServerFrame::Error { message }.to_text(), ctx);
+        if self.bad_frames > MAX_BAD_FRAMES {
+            self.close(close_code::POLICY, "too many unusable frames", ctx);
+        }
+    }
+
+    fn on_message(&mut self, bytes: &[u8], ctx: &mut Context<Self>) {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            return self.bad_frame("text frame is not UTF-8", ctx);
+        };
+        if text.len() > MAX_SEND_BYTES {
+            return match wire::frame_id(text) {
+                Some(id) => {
+                    let refusal =
+                        ApiError::TooLarge(format!("frame exceeds {MAX_SEND_BYTES} bytes"));
+                    self.send_text(response_frame(&id, Err(refusal)), ctx);
+                }
+                None => self.bad_frame("message too large", ctx),
+            };
+        }
+        match wire::parse_client_frame(text) {
+            ClientFrame::Send {
+                id,
+                destination,
+                access_key: key,
+                body,
+            } => {
+                self.bad_frames = 0;
+                match key.as_deref().and_then(access_key) {
+                    Some(key) => self.on_send(id, destination, key, body, ctx),
+                    None => self.send_text(response_frame(&id, Err(ApiError::Unauthorized)), ctx),
+                }
+            }
+            ClientFrame::InvalidSend { id, reason } => {
+                self.bad_frames = 0;
+                self.send_text(response_frame(&id, Err(ApiError::BadRequest(reason))), ctx);
+            }
+            ClientFrame::Ack { .. } => self.bad_frame(
+                "an unidentified connection receives nothing to acknowledge",
+                ctx,
+            ),
+            ClientFrame::Unusable(why) => self.bad_frame(why, ctx),
+        }
+    }
+
+    fn on_fragment(&mut self, item: Item, ctx: &mut Context<Self>) {
+        let last = matches!(item, Item::Last(_));
+        match item {
+            Item::FirstText(b) => self.fragments = Some(b.to_vec()),
+            Item::FirstBinary(_) => {
+                self.fragments = None;
+                self.bad_frame("frames are JSON text", ctx);
+            }
+            Item::Continue(b) | Item::Last(b) => {
+                let Some(buf) = self.fragments.as_mut() else {
+                    // Skipping a refused message (or a stray continuation).
+                    return;
+                };
+                if buf.len() + b.len() > MAX_FRAME_BYTES {
+                    self.fragments = None;
+                    return self.bad_frame("message too large", ctx);
+                }
+                buf.extend_from_slice(&b);
+                if last {
+                    let buf = self.fragments.take().unwrap_or_default();
+                    self.on_message(&buf, ctx);
+                }
+            }
+        }
+    }
+
+    /// As a device's send (`ws::frames`), routed in frame order in a task of
+    /// its own, but as nobody.
+    fn on_send(
+        &mut self,
+        id: serde_json::Number,
+        destination: String,
+        key: crate::domain::access::AccessKey,
+        body: wire::SendRequest,
+        ctx: &mut Context<Self>,
+    ) {
+        self.gate.acquire();
+        let state = self.state.clone();
+        let from = SendAs::Unidentified {
+            key,
+            client: self.client,
+        };
+        let previous = self.last_routed.take();
+        let (routed_tx, routed_rx) = oneshot::channel();
+        self.last_routed = Some(routed_rx);
+        let gate = self.gate.clone();
+        let session = ctx.address();
+        actix::spawn(async move {
+            let prepared = messaging::prepare(&state, from, &destination, body).await;
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            let result = match prepared {
+                Ok(prepared) => {
+                    let answer = messaging::route(&state, prepared);
+                    let _ = routed_tx.send(());
+                    answer.await
+                }
+                Err(e) => {
+                    let _ = routed_tx.send(());
+                    Err(e)
+                }
+            };
+            if let Err(ApiError::RateLimited { .. }) = result {
+                gate.pause(RATE_LIMITED_PAUSE);
+            }
+            gate.release();
+            session.do_send(Answered { id, result });
+        });
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Answered {
+    id: serde_json::Number,
+    result: Result<wire::SendResponse, ApiError>,
+}
+
+impl Handler<Answered> for SenderSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Answered, ctx: &mut Context<Self>) {
+        self.send_text(response_frame(&msg.id, msg.result), ctx);
+    }
+}
+
+impl Actor for SenderSession {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| {
+            if act.heartbeat.elapsed() >= CLIENT_TIMEOUT
+                || act.outbox.stalled_for() >= CLIENT_TIMEOUT
+            {
+                act.abort(ctx);
+                return;
+            }
+            act.outbox.ping();
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        finish_or_cut(&self.outbox, self.socket.take(), CLOSE_GRACE);
+    }
+}
+
+impl StreamHandler<Result<Frame, ProtocolError>> for SenderSession {
+    fn handle(&mut self, frame: Result<Frame, ProtocolError>, ctx: &mut Context<Self>) {
+        self.heartbeat = Instant::now();
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(ProtocolError::Overflow) => {
+                return self.close(close_code::TOO_BIG, "frame too large", ctx);
+            }
+            Err(_) => return self.close(close_code::PROTOCOL_ERROR, "protocol error", ctx),
+        };
+        match frame {
+            Frame::Text(bytes) if std::str::from_utf8(&bytes).is_err() => {
+                self.close(close_code::INVALID_DATA, "text frame is not UTF-8", ctx)
+            }
+            Frame::Text(bytes) => self.on_message(&bytes, ctx),
+            Frame::Binary(_) => self.bad_frame("frames are JSON text", ctx),
+            Frame::Continuation(item) => self.on_fragment(item, ctx),
+            Frame::Ping(payload) => self.outbox.pong(payload),
+            Frame::Pong(_) => {}
+            Frame::Close(reason) => {
+                self.outbox.close(reason);
+                ctx.stop();
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
