@@ -97,7 +97,7 @@ async fn mailbox_batches_survive_a_concurrent_writer(backend: Backend) {
                 for _ in 0..BATCHES {
                     let envelope = Envelope {
                         guid: new_guid(),
-                        source: dest,
+                        source: Some(dest),
                         msg_type: 1,
                         timestamp: 1,
                         server_timestamp: store::now_ms(),
