@@ -8,6 +8,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::{json, Map, Value};
 
+use crate::domain::address::AccountId;
 use crate::domain::keys::KeyError;
 use crate::store::StoreError;
 
@@ -31,6 +32,12 @@ pub enum ApiError {
     MismatchedDevices { missing: Vec<u32>, extra: Vec<u32> },
     #[error("some destination devices have re-registered")]
     StaleDevices { stale: Vec<u32> },
+    /// A multi-recipient send: the accounts whose device sets are not current.
+    #[error("the device sets of some recipients are not current")]
+    MultiMismatched(Vec<AccountDevices>),
+    /// A multi-recipient send: the accounts with re-registered devices.
+    #[error("some recipients' devices have re-registered")]
+    MultiStale(Vec<AccountDevices>),
     #[error("{0}")]
     TooLarge(String),
     #[error("{0}")]
@@ -62,9 +69,10 @@ impl ApiError {
             ApiError::IdentityKeyMismatch
             | ApiError::NoIdentityKey
             | ApiError::ChannelFull
-            | ApiError::MismatchedDevices { .. } => StatusCode::CONFLICT,
+            | ApiError::MismatchedDevices { .. }
+            | ApiError::MultiMismatched(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::StaleDevices { .. } => StatusCode::GONE,
+            ApiError::StaleDevices { .. } | ApiError::MultiStale(_) => StatusCode::GONE,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidKey(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -84,8 +92,10 @@ impl ApiError {
             ApiError::IdentityKeyMismatch => "identity_key_mismatch",
             ApiError::NoIdentityKey => "no_identity_key",
             ApiError::ChannelFull => "channel_full",
-            ApiError::MismatchedDevices { .. } => "mismatched_devices",
-            ApiError::StaleDevices { .. } => "stale_devices",
+            ApiError::MismatchedDevices { .. } | ApiError::MultiMismatched(_) => {
+                "mismatched_devices"
+            }
+            ApiError::StaleDevices { .. } | ApiError::MultiStale(_) => "stale_devices",
             ApiError::TooLarge(_) => "too_large",
             ApiError::InvalidKey(_) => "invalid_key",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -96,8 +106,13 @@ impl ApiError {
         }
     }
 
-    /// `{"error", "message", …extras}` — identical over HTTP and WebSocket.
+    /// `{"error", "message", …extras}` — identical over HTTP and WebSocket;
+    /// for a refused multi-recipient send, the SPEC's list of accounts
+    /// instead (as Signal-Server answers it).
     pub fn body(&self) -> Value {
+        if let ApiError::MultiMismatched(accounts) | ApiError::MultiStale(accounts) = self {
+            return json!(accounts);
+        }
         let mut body = Map::new();
         body.insert("error".into(), json!(self.code()));
         body.insert("message".into(), json!(self.to_string()));
@@ -115,6 +130,32 @@ impl ApiError {
             _ => {}
         }
         Value::Object(body)
+    }
+}
+
+/// One account of a refused multi-recipient send: `{uuid, devices: {…}}`.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct AccountDevices {
+    #[schema(format = Uuid)]
+    uuid: String,
+    /// `{missingDevices, extraDevices}` (409) or `{staleDevices}` (410).
+    #[schema(value_type = Object)]
+    devices: Value,
+}
+
+impl AccountDevices {
+    pub fn mismatched(account: AccountId, missing: Vec<u32>, extra: Vec<u32>) -> Self {
+        AccountDevices {
+            uuid: account.to_string(),
+            devices: json!({"missingDevices": missing, "extraDevices": extra}),
+        }
+    }
+
+    pub fn stale(account: AccountId, stale: Vec<u32>) -> Self {
+        AccountDevices {
+            uuid: account.to_string(),
+            devices: json!({"staleDevices": stale}),
+        }
     }
 }
 
@@ -160,6 +201,8 @@ fn error_code_schema() -> utoipa::openapi::Object {
             extra: Vec::new(),
         },
         StaleDevices { stale: Vec::new() },
+        MultiMismatched(Vec::new()),
+        MultiStale(Vec::new()),
         TooLarge(String::new()),
         InvalidKey(KeyError::Signature {
             field: String::new(),
@@ -181,13 +224,21 @@ fn error_code_schema() -> utoipa::openapi::Object {
             BadRequest(_) | Unauthorized | Forbidden(_) | NotFound(_) | IdentityKeyMismatch => {}
             ChannelFull | NoIdentityKey => {}
             MismatchedDevices { .. } | StaleDevices { .. } | TooLarge(_) | InvalidKey(_) => {}
+            MultiMismatched(_) | MultiStale(_) => {}
             MethodNotAllowed { .. } | RateLimited { .. } | MailboxFull | Unavailable | Internal => {
             }
         }
     }
     ObjectBuilder::new()
         .schema_type(Type::String)
-        .enum_values(Some(every.iter().map(ApiError::code)))
+        .enum_values(Some(
+            every
+                .iter()
+                .map(ApiError::code)
+                .enumerate()
+                .filter(|(i, code)| !every[..*i].iter().any(|e| e.code() == *code))
+                .map(|(_, code)| code),
+        ))
         .description(Some(
             "Stable error code: program against it and the status.",
         ))

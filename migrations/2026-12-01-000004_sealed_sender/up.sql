@@ -5,19 +5,6 @@
 ALTER TABLE accounts ADD COLUMN unidentified_access_key BYTEA;
 ALTER TABLE accounts ADD COLUMN unrestricted_unidentified_access BOOLEAN NOT NULL DEFAULT FALSE;
 
--- The shared part of a multi-recipient (Sealed Sender v2) message, stored
--- once however many devices' copies are queued. A mailbox row names it in
--- `shared_id`; its content is then only the recipient's own prefix. Rows no
--- mailbox row names any more are swept.
-CREATE TABLE mailbox_shared (
-    id TEXT PRIMARY KEY NOT NULL,
-    -- NULL: stored in the clear; else the id of the storage key that
-    -- encrypted `content` (COURIER_STORAGE_KEY).
-    key_id INTEGER,
-    content BYTEA NOT NULL,
-    created_at BIGINT NOT NULL
-);
-
 -- The mailbox, rebuilt because SQLite cannot drop NOT NULL in place:
 -- `source` and `source_device` are NULL for a sealed-sender copy (the server
 -- does not know who sent it) and for a row encrypted at rest (they are then
@@ -33,7 +20,6 @@ CREATE TABLE mailbox_v4 (
     server_timestamp BIGINT NOT NULL,
     content BYTEA NOT NULL,
     key_id INTEGER,
-    shared_id TEXT,
     PRIMARY KEY (account, device_id, guid)
 );
 INSERT INTO mailbox_v4 (account, device_id, guid, source, source_device, msg_type,
@@ -44,4 +30,3 @@ INSERT INTO mailbox_v4 (account, device_id, guid, source, source_device, msg_typ
 DROP TABLE mailbox;
 ALTER TABLE mailbox_v4 RENAME TO mailbox;
 CREATE INDEX mailbox_server_timestamp ON mailbox (server_timestamp);
-CREATE INDEX mailbox_shared_id ON mailbox (shared_id);

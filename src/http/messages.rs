@@ -1,13 +1,17 @@
 //! `/v1/messages`.
 
-use actix_web::{web, HttpResponse};
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::auth::{Authenticated, Sender};
+use super::auth::{access_key, client_ip, Authenticated, Sender, UNIDENTIFIED_ACCESS_KEY};
 use super::openapi::{Internal, RateLimited, Unauthorized};
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{AccountDevices, ApiError, ErrorBody};
 use crate::service::messaging::{self, SendAs};
+use crate::service::multi_recipient;
 use crate::service::state::State;
-use crate::wire::{MessageList, SendRequest, SendResponse};
+use crate::wire::{
+    MessageList, MultiRecipientQuery, MultiRecipientResponse, SendRequest, SendResponse,
+};
 
 /// Send a message
 ///
@@ -96,4 +100,68 @@ pub async fn ack_message(
 ) -> Result<HttpResponse, ApiError> {
     messaging::acknowledge(&state, auth.0, &path).await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// The content type of a Sealed Sender v2 body.
+pub const MRM_CONTENT_TYPE: &str = "application/vnd.signal-messenger.mrm";
+
+/// Send one sealed message to many accounts
+///
+/// The body is a Sealed Sender v2 SentMessage exactly as libsignal's
+/// `sealedSenderMultiRecipientEncrypt` writes it (at most 1,000 recipient
+/// accounts). `Unidentified-Access-Key` is the XOR of the access keys of
+/// every recipient account that does not allow unrestricted access. Each
+/// recipient device gets an envelope of type 6, with no sender, whose
+/// content is its account's ReceivedMessage. Answered once every copy is
+/// acknowledged live or stored; a refused send delivered nothing.
+#[utoipa::path(
+    put,
+    path = "/v1/messages/multi_recipient",
+    tag = "messages",
+    security(("unidentified" = [])),
+    params(MultiRecipientQuery),
+    request_body(content = Vec<u8>, content_type = "application/vnd.signal-messenger.mrm",
+        description = "A Sealed Sender v2 SentMessage"),
+    responses(
+        (status = 200, description = "Every copy acknowledged or stored", body = MultiRecipientResponse),
+        (status = 400, description = "Not a Sealed Sender v2 body (or not that content type), or a bad `ts`", body = ErrorBody),
+        (status = 401, description = "No `Unidentified-Access-Key`, or not the XOR of the recipients' keys", body = ErrorBody),
+        (status = 404, description = "A recipient account does not exist", body = ErrorBody),
+        (status = 409, description = "Some recipients' device sets are not current: `[{uuid, devices: {missingDevices, extraDevices}}]`", body = Vec<AccountDevices>),
+        (status = 410, description = "Some recipients' devices re-registered: `[{uuid, devices: {staleDevices}}]`", body = Vec<AccountDevices>),
+        (status = 413, description = "A body over 8 MiB, or over 256 KiB per recipient", body = ErrorBody),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, description = "The server is draining, or too busy to reserve mailbox room", body = ErrorBody),
+        (status = 507, description = "A destination mailbox is full (mailbox_full)", body = ErrorBody),
+    )
+)]
+pub async fn send_multi_recipient(
+    state: State,
+    req: HttpRequest,
+    query: web::Query<MultiRecipientQuery>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !content_type.eq_ignore_ascii_case(MRM_CONTENT_TYPE) {
+        return Err(ApiError::bad_request(format!(
+            "the body must be {MRM_CONTENT_TYPE}"
+        )));
+    }
+    let client = client_ip(&req, &state.config.trusted_proxies);
+    let key = req
+        .headers()
+        .get(UNIDENTIFIED_ACCESS_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(access_key);
+    let Some(key) = key else {
+        state.limits.auth_failure(client).await?;
+        return Err(ApiError::Unauthorized);
+    };
+    let answer = multi_recipient::send(&state, key, client, query.ts, query.online, &body).await?;
+    Ok(HttpResponse::Ok().json(answer))
 }

@@ -90,6 +90,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         ))
         .service(
             resource(
+                "/v1/messages/multi_recipient",
+                [(M::PUT, web::to(messages::send_multi_recipient))],
+            )
+            .app_data(web::PayloadConfig::new(MESSAGES_JSON_LIMIT)),
+        )
+        .service(
+            resource(
                 "/v1/messages/{uuid}",
                 [
                     (M::PUT, web::to(messages::send_messages)),

@@ -40,6 +40,7 @@ pub const UNIDENTIFIED: &str = "unidentified";
         keys::get_key_count,
         keys::get_bundle,
         messages::send_messages,
+        messages::send_multi_recipient,
         messages::ack_message,
         messages::get_messages,
         websocket::connect,

@@ -75,10 +75,11 @@ pub const UNIDENTIFIED_SENDER_TYPE: i32 = 6;
 pub struct Prepared {
     /// `None` for a sealed-sender send.
     sender: Option<Address>,
-    dest: AccountId,
     ephemeral: bool,
     timestamp: i64,
-    copies: Vec<DeviceCopy>,
+    /// Each copy with its destination account (one account, except for a
+    /// multi-recipient send).
+    copies: Vec<(AccountId, DeviceCopy)>,
     /// One mailbox slot per copy (none for an ephemeral send).
     slots: Vec<Reserved>,
 }
@@ -191,24 +192,37 @@ async fn reserved(
     dest: AccountId,
     send: ValidSend,
 ) -> Result<Prepared, ApiError> {
-    let slots = if send.ephemeral {
-        Vec::new()
-    } else {
-        let dests: Vec<Address> = send
-            .copies
-            .iter()
-            .map(|c| Address::new(dest, c.device))
-            .collect();
-        reserve(state, &dests).await?
-    };
-    Ok(Prepared {
-        sender,
-        dest,
-        ephemeral: send.ephemeral,
-        timestamp: send.timestamp,
-        copies: send.copies,
-        slots,
-    })
+    let copies = send.copies.into_iter().map(|c| (dest, c)).collect();
+    Prepared::reserve(state, sender, send.ephemeral, send.timestamp, copies).await
+}
+
+impl Prepared {
+    /// Copies for any number of accounts, with a mailbox slot reserved per
+    /// copy (none when ephemeral); `507` if a mailbox has no room.
+    pub async fn reserve(
+        state: &State,
+        sender: Option<Address>,
+        ephemeral: bool,
+        timestamp: i64,
+        copies: Vec<(AccountId, DeviceCopy)>,
+    ) -> Result<Prepared, ApiError> {
+        let slots = if ephemeral {
+            Vec::new()
+        } else {
+            let dests: Vec<Address> = copies
+                .iter()
+                .map(|(account, c)| Address::new(*account, c.device))
+                .collect();
+            reserve(state, &dests).await?
+        };
+        Ok(Prepared {
+            sender,
+            ephemeral,
+            timestamp,
+            copies,
+            slots,
+        })
+    }
 }
 
 /// One mailbox slot in each of `dests`, or `507` if any has no room.
@@ -239,7 +253,6 @@ pub fn route(
     let server_timestamp = store::now_ms();
     let Prepared {
         sender,
-        dest,
         ephemeral,
         timestamp,
         copies,
@@ -247,7 +260,7 @@ pub fn route(
     } = prepared;
     let mut slots = slots.into_iter();
     let mut waits = Vec::with_capacity(copies.len());
-    for copy in copies {
+    for (dest, copy) in copies {
         let envelope = Arc::new(Envelope {
             guid: new_guid(),
             source: sender,

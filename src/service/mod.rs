@@ -12,6 +12,7 @@ pub mod directory;
 pub mod generations;
 pub mod keys;
 pub mod messaging;
+pub mod multi_recipient;
 pub mod push;
 pub mod rendezvous;
 pub mod state;

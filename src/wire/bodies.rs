@@ -412,3 +412,26 @@ pub struct AccountAttributes {
     #[serde(default)]
     pub unrestricted_unidentified_access: bool,
 }
+
+/// `PUT /v1/messages/multi_recipient` query: the sender's timestamp and
+/// whether the message is ephemeral.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MultiRecipientQuery {
+    /// The sender's timestamp, milliseconds since the epoch.
+    #[param(minimum = 0)]
+    pub ts: i64,
+    /// `true`: ephemeral, pushed to connected devices only, never stored.
+    #[serde(default)]
+    pub online: bool,
+}
+
+/// `PUT /v1/messages/multi_recipient` answer: every copy is acknowledged or
+/// stored.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MultiRecipientResponse {
+    /// Recipient accounts that do not exist: always empty, since an unknown
+    /// recipient refuses the whole send with `404`.
+    #[schema(value_type = Vec<String>)]
+    pub uuids404: Vec<String>,
+}
