@@ -9,4 +9,5 @@ pub mod keys;
 pub mod prekeys;
 pub mod push;
 pub mod rendezvous;
+pub mod sealed_v2;
 pub mod secret;
