@@ -85,6 +85,14 @@ async fn update(server: &TestServer, query: &str) -> usize {
     sql(server, query).await.expect_err("an update")
 }
 
+/// `d` as a client of `server` (after a restart, on another port).
+fn on(server: &TestServer, d: &TestDevice) -> TestDevice {
+    TestDevice {
+        base: server.url(""),
+        ..d.clone()
+    }
+}
+
 /// `from` sends `content` to `to` (one device); the stored copy's guid.
 async fn send(from: &TestDevice, to: &TestDevice, content: &[u8]) -> String {
     let (status, body) = from.send(&to.uuid, &[to.target()], content).await;
@@ -258,6 +266,7 @@ async fn rotation_reads_old_rows_and_a_dropped_key_skips_its_rows(backend: Backe
         server.restart().await
     };
     let server = restart(server, Some(1), None).await;
+    let (alice, bob) = (on(&server, &alice), on(&server, &bob));
     for i in 0..2 {
         let content = format!("under key A, {i}").into_bytes();
         all.push(identified(
@@ -267,6 +276,7 @@ async fn rotation_reads_old_rows_and_a_dropped_key_skips_its_rows(backend: Backe
         ));
     }
     let server = restart(server, Some(2), Some(1)).await;
+    let (alice, bob) = (on(&server, &alice), on(&server, &bob));
     for i in 0..2 {
         let content = format!("under key B, {i}").into_bytes();
         all.push(identified(
@@ -286,6 +296,7 @@ async fn rotation_reads_old_rows_and_a_dropped_key_skips_its_rows(backend: Backe
 
     // Key A dropped too early: its rows are lost to the server, the others read.
     let server = restart(server, Some(2), None).await;
+    let (alice, bob) = (on(&server, &alice), on(&server, &bob));
     let left: Vec<Expected> = [&all[0], &all[3], &all[4]].into_iter().cloned().collect();
     receives(&bob, &left).await;
     // The server still works: a new copy is stored and read.
@@ -304,11 +315,11 @@ async fn a_row_moved_elsewhere_does_not_open(backend: Backend) {
     let server = TestServer::start_with(backend, |c| c.storage_key = Some(key_b64(3))).await;
     let alice = TestDevice::register(&server).await;
     let bob = TestDevice::register(&server).await;
-    let bob2 = bob.link().await;
     let to_device = send(&alice, &bob, b"moved to another device").await;
     let to_account = send(&alice, &bob, b"moved to another account").await;
     let renamed = send(&alice, &bob, b"given another guid").await;
     let kept = send(&alice, &bob, b"left where it was").await;
+    let bob2 = bob.link().await;
 
     let other_guid = uuid::Uuid::now_v7();
     for query in [
