@@ -96,6 +96,10 @@ pub async fn run(
 /// Opens and migrates the database and starts the actors.
 async fn start(config: Arc<Config>) -> Result<State, RunError> {
     let backend = store::Backend::from_url(&config.database_url)?;
+    let storage_keys = config
+        .storage_keys()
+        .map_err(|e| RunError::Config(e.to_string()))?
+        .map(Arc::new);
     let migrate_config = config.clone();
     let (pool, ran) = web::block(move || migrate(&migrate_config))
         .await
@@ -104,6 +108,16 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
         "{} database ready ({ran} migrations applied)",
         backend.name()
     );
+    match &storage_keys {
+        Some(keys) => log::info!(
+            "stored envelopes are encrypted at rest (storage key id {}{})",
+            keys.current_id(),
+            keys.previous_id()
+                .map(|id| format!("; previous key id {id} still reads"))
+                .unwrap_or_default()
+        ),
+        None => log::info!("stored envelopes are not encrypted at rest (no storage_key)"),
+    }
     if !config.rate_limits {
         log::warn!("rate limits are OFF (rate_limits = false); never run like this in production");
     }
@@ -125,7 +139,8 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
 
     let metrics = Metrics::new();
     let quota = Quota::new(config.mailbox_max_messages, config.device_cache_ttl());
-    let (writer, _writer_thread) = MailboxWriter::start(pool.clone(), metrics.clone(), quota);
+    let (writer, _writer_thread) =
+        MailboxWriter::start(pool.clone(), metrics.clone(), quota, storage_keys.clone());
     let vapid = vapid_key(&pool).await?;
     let vapid_public_key = vapid.public_key().to_owned();
     let pusher = Pusher::new(
@@ -193,6 +208,7 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
         pusher,
         vapid_public_key,
         certificates: Arc::new(certificates),
+        storage_keys,
         limits,
         metrics,
         directory: Directory::new(config.device_cache_ttl()),

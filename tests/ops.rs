@@ -423,6 +423,11 @@ fn config_command_masks_secrets_and_dist_file_is_the_defaults() {
             "postgres://courier:hunter2@db/courier",
         )
         .env("COURIER_REDIS_URL", "redis://:hunter3@redis:6379/0")
+        // base64 of 32 bytes ("storage-key-secret-0123456789abc").
+        .env(
+            "COURIER_STORAGE_KEY",
+            "c3RvcmFnZS1rZXktc2VjcmV0LTAxMjM0NTY3ODlhYmM=",
+        )
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -430,9 +435,11 @@ fn config_command_masks_secrets_and_dist_file_is_the_defaults() {
     assert!(
         !text.contains("super-secret-token")
             && !text.contains("hunter2")
-            && !text.contains("hunter3"),
+            && !text.contains("hunter3")
+            && !text.contains("c3RvcmFnZS1rZXktc2VjcmV0"),
         "{text}"
     );
+    assert!(text.contains("storage_key = \"********\""), "{text}");
     assert!(text.contains("registration_token = \"********\""), "{text}");
 
     let dist = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/courier.toml");

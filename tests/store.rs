@@ -107,7 +107,7 @@ async fn mailbox_batches_survive_a_concurrent_writer(backend: Backend) {
                         dest,
                         envelope: &envelope,
                     }];
-                    match mailbox::apply(&mut conn, &writes) {
+                    match mailbox::apply(&mut conn, &writes, None) {
                         Ok(outcomes) => assert_eq!(outcomes, [Outcome::Stored]),
                         Err(e) => failures.push(e.to_string()),
                     }

@@ -96,6 +96,7 @@ impl Config {
                 "push_subject must be a mailto: or https:// URI (RFC 8292)".into(),
             ));
         }
+        self.storage_keys()?;
         if self.registration_token.as_deref() == Some("") {
             return Err(ConfigError::Invalid(
                 "registration_token must not be empty (leave it unset for open registration)"

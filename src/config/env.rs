@@ -261,6 +261,7 @@ mod tests {
                 None => "set".into(),
             };
             let var = format!("COURIER_{}", field.to_ascii_uppercase());
+            let key = super::super::tests::key_b64(1);
             // A Redis URL is a cluster's, which needs PostgreSQL.
             let loaded = if *field == "redis_url" {
                 Config::load(
@@ -269,6 +270,15 @@ mod tests {
                         (&var, "redis://127.0.0.1:6379/0"),
                         ("COURIER_DATABASE_URL", "postgres://db/courier"),
                     ]),
+                )
+            } else if *field == "storage_key" {
+                Config::load(None, env(&[(&var, &key)]))
+            } else if *field == "storage_key_previous" {
+                // The previous key needs a current one.
+                let current = super::super::tests::key_b64(2);
+                Config::load(
+                    None,
+                    env(&[(&var, &key), ("COURIER_STORAGE_KEY", &current)]),
                 )
             } else {
                 Config::load(None, env(&[(&var, &shown)]))

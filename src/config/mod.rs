@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::at_rest::{StorageKeys, WhichKey};
+
 pub use crate::limits::{Limits, Rate};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +105,12 @@ pub struct Config {
     pub certificates_dir: Option<PathBuf>,
     /// How long a sender certificate (`GET /v1/certificate/delivery`) is valid.
     pub sender_certificate_hours: u64,
+    /// Base64 of 32 bytes: stored envelopes' sender and content are
+    /// encrypted at rest under this key (unset: stored in the clear).
+    pub storage_key: Option<String>,
+    /// The storage key before the current one, during a rotation: rows
+    /// written under it still read back. Needs `storage_key`.
+    pub storage_key_previous: Option<String>,
     /// Per-key GCRA limits.
     pub limits: Limits,
 }
@@ -135,6 +143,8 @@ impl Default for Config {
             push_allow_insecure: false,
             certificates_dir: None,
             sender_certificate_hours: 24,
+            storage_key: None,
+            storage_key_previous: None,
             limits: Limits::default(),
         }
     }
@@ -213,11 +223,38 @@ impl Config {
         Duration::from_secs(self.sweep_interval_secs.max(1))
     }
 
+    /// The storage keys (`storage_key`, `storage_key_previous`), decoded;
+    /// `None` when encryption at rest is off. The error names the variable
+    /// and never shows its value.
+    pub fn storage_keys(&self) -> Result<Option<StorageKeys>, ConfigError> {
+        let name = |which| match which {
+            WhichKey::Current => "storage_key (COURIER_STORAGE_KEY)",
+            WhichKey::Previous => "storage_key_previous (COURIER_STORAGE_KEY_PREVIOUS)",
+        };
+        match (&self.storage_key, &self.storage_key_previous) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(ConfigError::Invalid(format!(
+                "{} is set without {}: the previous key only reads rows while a current \
+                 one writes",
+                name(WhichKey::Previous),
+                name(WhichKey::Current)
+            ))),
+            (Some(current), previous) => StorageKeys::from_base64(current, previous.as_deref())
+                .map(Some)
+                .map_err(|(which, e)| ConfigError::Invalid(format!("{} {e}", name(which)))),
+        }
+    }
+
     /// The effective configuration as TOML, with secrets masked (`courier config`).
     pub fn to_masked_toml(&self) -> String {
         let mut shown = self.clone();
         if shown.registration_token.is_some() {
             shown.registration_token = Some("********".into());
+        }
+        for key in [&mut shown.storage_key, &mut shown.storage_key_previous] {
+            if key.is_some() {
+                *key = Some("********".into());
+            }
         }
         shown.database_url = mask_url_password(&shown.database_url);
         shown.redis_url = shown.redis_url.as_deref().map(mask_url_password);
@@ -385,5 +422,80 @@ mod tests {
         assert!(!shown.contains("hunter2"));
         assert!(!shown.contains("s3cret"));
         assert!(shown.contains("postgres://courier:********@db/courier"));
+        let keyed = Config {
+            storage_key: Some(key_b64(1)),
+            storage_key_previous: Some(key_b64(2)),
+            ..Config::default()
+        };
+        let shown = keyed.to_masked_toml();
+        assert!(!shown.contains(&key_b64(1)) && !shown.contains(&key_b64(2)));
+        assert!(shown.contains("storage_key = \"********\""), "{shown}");
+        assert!(
+            shown.contains("storage_key_previous = \"********\""),
+            "{shown}"
+        );
+    }
+
+    pub(super) fn key_b64(fill: u8) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode([fill; 32])
+    }
+
+    /// Storage keys must be base64 of exactly 32 bytes, the previous key
+    /// needs a current one and must differ from it; a refusal names the
+    /// variable and never echoes the value.
+    #[test]
+    fn storage_keys_are_checked_at_load() {
+        let ok = Config::load(
+            None,
+            env(&[
+                ("COURIER_STORAGE_KEY", &key_b64(1)),
+                ("COURIER_STORAGE_KEY_PREVIOUS", &key_b64(2)),
+            ]),
+        )
+        .unwrap();
+        let keys = ok.storage_keys().unwrap().unwrap();
+        assert_eq!(
+            keys.previous_id(),
+            Some(crate::domain::at_rest::key_id(&[2; 32]))
+        );
+        assert!(Config::default().storage_keys().unwrap().is_none());
+        use base64::Engine as _;
+        let short = base64::engine::general_purpose::STANDARD.encode([9u8; 31]);
+        for (vars, named) in [
+            (
+                vec![("COURIER_STORAGE_KEY", "c2VjcmV0LXZhbHVl!")],
+                "COURIER_STORAGE_KEY",
+            ),
+            (
+                vec![("COURIER_STORAGE_KEY", short.as_str())],
+                "COURIER_STORAGE_KEY",
+            ),
+            (
+                vec![("COURIER_STORAGE_KEY_PREVIOUS", key_b64(2).as_str())],
+                "COURIER_STORAGE_KEY_PREVIOUS",
+            ),
+            (
+                vec![
+                    ("COURIER_STORAGE_KEY", key_b64(1).as_str()),
+                    ("COURIER_STORAGE_KEY_PREVIOUS", short.as_str()),
+                ],
+                "COURIER_STORAGE_KEY_PREVIOUS",
+            ),
+            (
+                vec![
+                    ("COURIER_STORAGE_KEY", key_b64(1).as_str()),
+                    ("COURIER_STORAGE_KEY_PREVIOUS", key_b64(1).as_str()),
+                ],
+                "COURIER_STORAGE_KEY_PREVIOUS",
+            ),
+        ] {
+            let err = Config::load(None, env(&vars)).unwrap_err();
+            let shown = err.to_string();
+            assert!(shown.contains(named), "{shown}");
+            for (_, value) in &vars {
+                assert!(!shown.contains(value), "{shown} echoes a key");
+            }
+        }
     }
 }

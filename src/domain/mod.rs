@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod address;
+pub mod at_rest;
 pub mod certificates;
 pub mod device_set;
 pub mod envelope;

@@ -332,8 +332,10 @@ pub async fn send(
 
 /// The oldest page of `device`'s mailbox.
 pub async fn fetch(state: &State, device: Address) -> Result<MessageList, ApiError> {
+    let keys = state.storage_keys.clone();
     let page = store::blocking(&state.pool, move |conn| {
-        store::mailbox::load_page(conn, device, None, FETCH_PAGE + 1).map_err(ApiError::from)
+        store::mailbox::load_page(conn, device, None, FETCH_PAGE + 1, keys.as_deref())
+            .map_err(ApiError::from)
     })
     .await?;
     let more = page.rows as i64 > FETCH_PAGE;

@@ -12,6 +12,7 @@ use crate::actors::push::Pusher;
 use crate::actors::rendezvous::RendezvousHub;
 use crate::actors::router::Router;
 use crate::config::Config;
+use crate::domain::at_rest::StorageKeys;
 use crate::limits::Limiters;
 use crate::metrics::Metrics;
 use crate::service::certificates::Certificates;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub vapid_public_key: String,
     /// The sealed-sender trust root and server key (`/v1/certificate/*`).
     pub certificates: Arc<Certificates>,
+    /// Seal and open stored envelopes (`storage_key`); `None`: in the clear.
+    pub storage_keys: Option<Arc<StorageKeys>>,
     pub limits: Limiters,
     pub metrics: Metrics,
     /// Cached device sets for the send path.

@@ -7,6 +7,14 @@
 //! thread) and never hold a transaction open across pages. Both writers run
 //! in [`write_batch`](super::write_batch) (`BEGIN IMMEDIATE` on SQLite), so
 //! a batch never fails with `SQLITE_BUSY_SNAPSHOT` when it reads first.
+//!
+//! With storage keys (`COURIER_STORAGE_KEY`), a row's sender and content are
+//! sealed together into `content` ([`crate::domain::at_rest`]), bound to the
+//! recipient device, the guid, the type and the sender's timestamp; `source`
+//! and `source_device` stay NULL and `key_id` names the key. Rows are sealed
+//! before the write transaction begins and opened after the read, so no
+//! lock is held while they are. A row with `key_id` NULL is in the clear,
+//! as every row was before the key was set, and reads as it always did.
 
 use diesel::prelude::*;
 use uuid::Uuid;
@@ -18,6 +26,7 @@ use diesel::upsert::excluded;
 use super::schema::{mailbox, mailbox_counts};
 use super::{with_conn, write_batch, Conn, StoreError};
 use crate::domain::address::{Address, DeviceId};
+use crate::domain::at_rest::{mailbox_row_aad, RowPlaintext, StorageKeys};
 use crate::domain::envelope::Envelope;
 
 /// One write in a batch, applied in order.
@@ -32,7 +41,7 @@ pub enum Write<'a> {
     },
 }
 
-/// Rows per multi-row INSERT: 9 columns × 500 stays far below SQLite's bound
+/// Rows per multi-row INSERT: 10 columns × 500 stays far below SQLite's bound
 /// on bind parameters.
 const INSERT_CHUNK: usize = 500;
 
@@ -46,6 +55,7 @@ type Row = (
     i64,
     i64,
     Vec<u8>,
+    Option<i32>,
 );
 
 /// Adds `delta` to a device's row in `mailbox_counts` (creating it).
@@ -93,6 +103,7 @@ macro_rules! insert_rows {
                     mailbox::timestamp.eq(r.6),
                     mailbox::server_timestamp.eq(r.7),
                     mailbox::content.eq(&r.8),
+                    mailbox::key_id.eq(r.9),
                 )
             })
             .collect();
@@ -119,16 +130,29 @@ pub enum Outcome {
 /// did. Consecutive inserts go out as one multi-row INSERT. Room was
 /// reserved before the copies were routed (the mailbox writer's quota), so
 /// every insert is stored; `mailbox_counts` follows in the same transaction.
-pub fn apply(conn: &mut Conn, writes: &[Write<'_>]) -> Result<Vec<Outcome>, StoreError> {
+/// With `keys`, each inserted row is sealed under the current key.
+pub fn apply(
+    conn: &mut Conn,
+    writes: &[Write<'_>],
+    keys: Option<&StorageKeys>,
+) -> Result<Vec<Outcome>, StoreError> {
+    // Sealed before the transaction: the write lock is not held meanwhile.
+    let rows: Vec<Option<Row>> = writes
+        .iter()
+        .map(|w| match w {
+            Write::Insert { dest, envelope } => Some(row(*dest, envelope, keys)),
+            Write::Delete { .. } => None,
+        })
+        .collect();
     write_batch(conn, |conn| {
         with_conn!(conn, c => {
             let mut results = Vec::with_capacity(writes.len());
-            let mut pending: Vec<Row> = Vec::new();
+            let mut pending: Vec<&Row> = Vec::new();
             let mut counts: HashMap<(String, i64), i64> = HashMap::new();
-            for w in writes {
+            for (w, row) in writes.iter().zip(&rows) {
                 match w {
-                    Write::Insert { dest, envelope } => {
-                        pending.push(row(*dest, envelope));
+                    Write::Insert { .. } => {
+                        pending.extend(row);
                         results.push(Outcome::Stored);
                     }
                     Write::Delete { dest, guid } => {
@@ -167,17 +191,33 @@ pub fn apply(conn: &mut Conn, writes: &[Write<'_>]) -> Result<Vec<Outcome>, Stor
     })
 }
 
-fn row(dest: Address, e: &Envelope) -> Row {
+/// The row that stores `e` for `dest`: in the clear, or sealed under the
+/// current key of `keys` (no sender beside the recipient, no content).
+fn row(dest: Address, e: &Envelope, keys: Option<&StorageKeys>) -> Row {
+    let (source, source_device, content, key_id) = match keys {
+        None => (
+            e.source.map(|s| s.account.as_db()),
+            e.source.map(|s| s.device.as_db()),
+            e.content.clone(),
+            None,
+        ),
+        Some(keys) => {
+            let aad = mailbox_row_aad(dest, e.guid, e.msg_type, e.timestamp);
+            let (id, sealed) = keys.seal(&aad, &RowPlaintext::encode(e.source, &e.content));
+            (None, None, sealed, Some(id))
+        }
+    };
     (
         dest.account.as_db(),
         dest.device.as_db(),
         e.guid.hyphenated().to_string(),
-        e.source.map(|s| s.account.as_db()),
-        e.source.map(|s| s.device.as_db()),
+        source,
+        source_device,
         e.msg_type,
         e.timestamp,
         e.server_timestamp,
-        e.content.clone(),
+        content,
+        key_id,
     )
 }
 
@@ -193,11 +233,13 @@ pub struct Page {
 }
 
 /// Up to `limit` rows for `dest` with a guid after `after`, oldest first.
+/// Sealed rows are opened with `keys`; one that does not open is skipped.
 pub fn load_page(
     conn: &mut Conn,
     dest: Address,
     after: Option<&str>,
     limit: i64,
+    keys: Option<&StorageKeys>,
 ) -> Result<Page, StoreError> {
     let account = dest.account.as_db();
     let after = after.unwrap_or_default();
@@ -217,37 +259,64 @@ pub fn load_page(
             mailbox::timestamp,
             mailbox::server_timestamp,
             mailbox::content,
+            mailbox::key_id,
         ))
         .load(c))?;
     Ok(Page {
         rows: rows.len(),
         cursor: rows.last().map(|r| r.2.clone()),
-        envelopes: rows.into_iter().filter_map(envelope).collect(),
+        envelopes: rows.into_iter().filter_map(|r| envelope(r, keys)).collect(),
     })
 }
 
-/// Rows were written by this program; one that does not parse is skipped
-/// (and logged) rather than failing the whole page.
-fn envelope(r: Row) -> Option<Envelope> {
+/// Rows were written by this program; one that does not parse, or does not
+/// open (its key is not configured, or it is not where it was written), is
+/// skipped (and logged, naming the recipient and the guid only) rather than
+/// failing the whole page.
+fn envelope(r: Row, keys: Option<&StorageKeys>) -> Option<Envelope> {
+    let (account, device, guid, key_id) = (r.0, r.1, r.2, r.9);
     let parsed = (|| {
+        let guid = Uuid::parse_str(&guid).ok()?;
+        let (source, content) = match key_id {
+            None => {
+                let source = match (r.3, r.4) {
+                    (Some(account), Some(device)) => Some(Address::new(
+                        account.parse().ok()?,
+                        DeviceId::from_db(device),
+                    )),
+                    (None, None) => None,
+                    _ => return None,
+                };
+                (source, r.8)
+            }
+            Some(id) => {
+                let dest = Address::new(account.parse().ok()?, DeviceId::from_db(device));
+                let aad = mailbox_row_aad(dest, guid, r.5, r.6);
+                let opened = RowPlaintext::decode(&keys?.open(id, &aad, &r.8)?)?;
+                // A sealed row names its sender only inside the seal.
+                if r.3.is_some() || r.4.is_some() {
+                    return None;
+                }
+                (opened.source, opened.content)
+            }
+        };
         Some(Envelope {
-            guid: Uuid::parse_str(&r.2).ok()?,
-            source: match (r.3, r.4) {
-                (Some(account), Some(device)) => Some(Address::new(
-                    account.parse().ok()?,
-                    DeviceId::from_db(device),
-                )),
-                (None, None) => None,
-                _ => return None,
-            },
+            guid,
+            source,
             msg_type: r.5,
             timestamp: r.6,
             server_timestamp: r.7,
-            content: r.8,
+            content,
         })
     })();
     if parsed.is_none() {
-        log::error!("skipping unreadable mailbox row for {}.{}", r.0, r.1);
+        match key_id {
+            Some(id) if keys.is_none_or(|k| !k.knows(id)) => log::error!(
+                "skipping mailbox row {guid} for {account}.{device}: sealed under storage key id \
+                 {id}, which is not configured"
+            ),
+            _ => log::error!("skipping unreadable mailbox row {guid} for {account}.{device}"),
+        }
     }
     parsed
 }

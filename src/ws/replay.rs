@@ -32,10 +32,17 @@ impl DeviceSession {
         let pool = self.state.pool.clone();
         let dest = self.address;
         let after = self.cursor.clone();
+        let keys = self.state.storage_keys.clone();
         let load = async move {
             store::blocking(&pool, move |conn| {
-                store::mailbox::load_page(conn, dest, after.as_deref(), limit as i64)
-                    .map_err(ApiError::from)
+                store::mailbox::load_page(
+                    conn,
+                    dest,
+                    after.as_deref(),
+                    limit as i64,
+                    keys.as_deref(),
+                )
+                .map_err(ApiError::from)
             })
             .await
         };

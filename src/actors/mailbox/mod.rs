@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use self::quota::Quota;
 use crate::domain::address::Address;
+use crate::domain::at_rest::StorageKeys;
 use crate::domain::envelope::Envelope;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -94,15 +95,17 @@ pub type Done = oneshot::Receiver<Result<Outcome, ()>>;
 
 impl MailboxWriter {
     /// `quota`: the room reserved per device, kept in step with commits.
+    /// `keys`: what rows are sealed under (`None`: stored in the clear).
     pub fn start(
         pool: Pool,
         metrics: Metrics,
         quota: Arc<Quota>,
+        keys: Option<Arc<StorageKeys>>,
     ) -> (MailboxWriter, thread::JoinHandle<()>) {
         let thread_quota = quota.clone();
         let (worker, handle) =
             GroupCommit::start("mailbox-writer".into(), MAX_BATCH, move |batch| {
-                commit(&pool, &metrics, &thread_quota, batch)
+                commit(&pool, &metrics, &thread_quota, keys.as_deref(), batch)
             });
         (MailboxWriter { worker, quota }, handle)
     }
@@ -224,12 +227,18 @@ impl MailboxWriter {
 /// Commits `batch` as one transaction; if that fails, retries once after a
 /// pause, then write by write so one bad write cannot fail its neighbours.
 /// Then brings the quota up to date and answers every op.
-fn commit(pool: &Pool, metrics: &Metrics, quota: &Quota, batch: &mut Vec<Op>) {
+fn commit(
+    pool: &Pool,
+    metrics: &Metrics,
+    quota: &Quota,
+    keys: Option<&StorageKeys>,
+    batch: &mut Vec<Op>,
+) {
     let started = Instant::now();
-    let mut outcome = apply(pool, batch);
+    let mut outcome = apply(pool, keys, batch);
     if outcome.is_err() {
         thread::sleep(RETRY_PAUSE);
-        outcome = apply(pool, batch);
+        outcome = apply(pool, keys, batch);
     }
     let results: Vec<Result<Outcome, ()>> = match outcome {
         Ok(changed) => {
@@ -248,7 +257,7 @@ fn commit(pool: &Pool, metrics: &Metrics, quota: &Quota, batch: &mut Vec<Op>) {
             batch
                 .iter()
                 .map(|op| {
-                    apply(pool, std::slice::from_ref(op))
+                    apply(pool, keys, std::slice::from_ref(op))
                         .map(|v| v.first().copied().unwrap_or(Outcome::Absent))
                         .map_err(|e| log::error!("mailbox write failed: {e}"))
                 })
@@ -302,7 +311,11 @@ fn load_counts(pool: &Pool, quota: &Quota, batch: &[Op]) {
 
 /// Applies every write of `ops` (barriers and loads are no-ops) in one
 /// transaction; returns one outcome per op.
-fn apply(pool: &Pool, ops: &[Op]) -> Result<Vec<Outcome>, store::StoreError> {
+fn apply(
+    pool: &Pool,
+    keys: Option<&StorageKeys>,
+    ops: &[Op],
+) -> Result<Vec<Outcome>, store::StoreError> {
     let writes: Vec<Write<'_>> = ops
         .iter()
         .filter_map(|op| match op {
@@ -321,7 +334,7 @@ fn apply(pool: &Pool, ops: &[Op]) -> Result<Vec<Outcome>, store::StoreError> {
         Vec::new()
     } else {
         let mut conn = pool.get()?;
-        store::mailbox::apply(&mut conn, &writes)?
+        store::mailbox::apply(&mut conn, &writes, keys)?
     }
     .into_iter();
     Ok(ops
