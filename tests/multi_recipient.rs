@@ -234,7 +234,126 @@ async fn hostile_bodies_are_400(backend: Backend) {
     assert_eq!(status, StatusCode::OK, "{answer}");
 }
 
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// A count from the server's database, by `query` (`… AS n`).
+async fn count(server: &TestServer, query: &str) -> i64 {
+    use courier::store::{self, Conn};
+    use diesel::RunQueryDsl;
+    let url = server.db.as_ref().expect("database").url();
+    let query = query.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = store::Manager::new(store::Backend::from_url(&url).unwrap())
+            .connect()
+            .unwrap();
+        let rows: Vec<Count> = match &mut conn {
+            Conn::Pg(c) => diesel::sql_query(&query).load(c).unwrap(),
+            Conn::Sqlite(c) => diesel::sql_query(&query).load(c).unwrap(),
+        };
+        rows[0].n
+    })
+    .await
+    .unwrap()
+}
+
+/// The sweeper's step for shared payloads, as if run at `now_ms`.
+async fn sweep_shared(server: &TestServer, now_ms: i64) -> usize {
+    use courier::store;
+    let url = server.db.as_ref().expect("database").url();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = store::Manager::new(store::Backend::from_url(&url).unwrap())
+            .connect()
+            .unwrap();
+        store::mailbox::delete_orphaned_shared(&mut conn, now_ms).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// The shared part of a multi-recipient message is stored once, sealed like
+/// the rows when a storage key is set, read back whole by every device, and
+/// swept only once no row names it.
+async fn the_shared_payload_is_stored_once(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| {
+        c.storage_key = Some(b64(&[9; 32]));
+    })
+    .await;
+    let (a1, a2, b1) = accounts(&server).await;
+    let message = body(&[to(&a1.uuid, &[&a1, &a2], 0xa0), to(&b1.uuid, &[&b1], 0xb0)]);
+    let (status, answer) = put(&server.url(""), Some(xor(KEY_A, KEY_B)), MRM, message).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+
+    assert_eq!(
+        count(
+            &server,
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM mailbox_shared"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &server,
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM mailbox WHERE shared_id IS NOT NULL"
+        )
+        .await,
+        3
+    );
+    // Each row holds only its sealed prefix: 49 bytes, plus the seal's
+    // nonce, tag and header, far less than the shared ciphertext.
+    let longest = "SELECT CAST(MAX(LENGTH(content)) AS BIGINT) AS n FROM mailbox";
+    assert!(count(&server, longest).await < 49 + 100);
+    let shared = "SELECT CAST(MAX(LENGTH(content)) AS BIGINT) AS n FROM mailbox_shared";
+    assert!(count(&server, shared).await >= (E_PUB.len() + CIPHERTEXT.len()) as i64);
+
+    // Not swept while a copy names it, however late.
+    let later = i64::MAX / 2;
+    assert_eq!(sweep_shared(&server, later).await, 0);
+    for (device, fill) in [(&a1, 0xa0), (&a2, 0xa0), (&b1, 0xb0)] {
+        let stored = mailbox(device).await;
+        assert_eq!(stored.len(), 1);
+        assert_eq!(content_of(&stored[0]), received(&[fill; 48]));
+        let guid = stored[0]["guid"].as_str().unwrap();
+        let (status, _) = device
+            .request(Method::DELETE, &format!("/v1/messages/{guid}"), None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        // Still there for the copies not yet acknowledged.
+        assert_eq!(
+            count(
+                &server,
+                "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM mailbox_shared"
+            )
+            .await,
+            1
+        );
+    }
+    // Every copy gone: kept for the grace period, then swept.
+    assert_eq!(sweep_shared(&server, now_ms()).await, 0);
+    assert_eq!(sweep_shared(&server, later).await, 1);
+    assert_eq!(
+        count(
+            &server,
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM mailbox_shared"
+        )
+        .await,
+        0
+    );
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 backends!(
+    the_shared_payload_is_stored_once,
     every_device_gets_its_accounts_received_message,
     a_stale_device_set_refuses_every_account,
     the_key_must_be_the_xor_of_the_recipients_keys,

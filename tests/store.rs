@@ -101,7 +101,7 @@ async fn mailbox_batches_survive_a_concurrent_writer(backend: Backend) {
                         msg_type: 1,
                         timestamp: 1,
                         server_timestamp: store::now_ms(),
-                        content: vec![7; 64],
+                        content: vec![7; 64].into(),
                     };
                     let writes = [Write::Insert {
                         dest,

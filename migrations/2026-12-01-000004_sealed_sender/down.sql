@@ -17,10 +17,11 @@ INSERT INTO mailbox_v3 (account, device_id, guid, source, source_device, msg_typ
     SELECT account, device_id, guid, source, source_device, msg_type,
            timestamp, server_timestamp, content
     FROM mailbox
-    WHERE source IS NOT NULL AND key_id IS NULL;
+    WHERE source IS NOT NULL AND key_id IS NULL AND shared_id IS NULL;
 DROP TABLE mailbox;
 ALTER TABLE mailbox_v3 RENAME TO mailbox;
 CREATE INDEX mailbox_server_timestamp ON mailbox (server_timestamp);
+DROP TABLE mailbox_shared;
 ALTER TABLE accounts DROP COLUMN unrestricted_unidentified_access;
 ALTER TABLE accounts DROP COLUMN unidentified_access_key;
 DELETE FROM mailbox_counts;

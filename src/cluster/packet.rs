@@ -56,7 +56,9 @@ impl From<&Envelope> for BusEnvelope {
             msg_type: e.msg_type,
             timestamp: e.timestamp,
             server_timestamp: e.server_timestamp,
-            content: e.content.clone(),
+            // A shared payload travels whole: the holding node stores the
+            // copy as its own if it must.
+            content: e.content.bytes().into_owned(),
         }
     }
 }
@@ -69,7 +71,7 @@ impl From<BusEnvelope> for Envelope {
             msg_type: e.msg_type,
             timestamp: e.timestamp,
             server_timestamp: e.server_timestamp,
-            content: e.content,
+            content: e.content.into(),
         }
     }
 }
@@ -235,7 +237,7 @@ mod tests {
             msg_type: 1,
             timestamp: 17,
             server_timestamp: 18,
-            content: (0..=255u8).collect(),
+            content: (0..=255u8).collect::<Vec<u8>>().into(),
         };
         let packet = Packet::Forward {
             from: NodeId::random(),

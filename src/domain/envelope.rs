@@ -1,7 +1,9 @@
 //! The envelope a destination device receives, and the rules a send's
 //! per-device copies must meet before anything is routed.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -30,7 +32,57 @@ pub struct Envelope {
     pub timestamp: i64,
     /// When the server accepted the send (ms since the epoch).
     pub server_timestamp: i64,
-    pub content: Vec<u8>,
+    pub content: Content,
+}
+
+/// The part of a multi-recipient (Sealed Sender v2) message that every
+/// recipient's copy ends with: held once in memory, stored once.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SharedPayload {
+    /// Names the stored payload (`mailbox_shared.id`).
+    pub id: Uuid,
+    pub bytes: Vec<u8>,
+}
+
+/// What a copy carries: its own ciphertext, or (a multi-recipient copy) its
+/// recipient's own prefix followed by a payload shared with every other
+/// copy of the send, so a send to a thousand devices holds and stores that
+/// payload once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Own(Vec<u8>),
+    Shared {
+        prefix: Vec<u8>,
+        shared: Arc<SharedPayload>,
+    },
+}
+
+impl Content {
+    /// The length of what the device receives.
+    pub fn len(&self) -> usize {
+        match self {
+            Content::Own(bytes) => bytes.len(),
+            Content::Shared { prefix, shared } => prefix.len() + shared.bytes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes the device receives (a shared copy's two parts joined).
+    pub fn bytes(&self) -> Cow<'_, [u8]> {
+        match self {
+            Content::Own(bytes) => Cow::Borrowed(bytes),
+            Content::Shared { prefix, shared } => Cow::Owned([prefix, &shared.bytes[..]].concat()),
+        }
+    }
+}
+
+impl From<Vec<u8>> for Content {
+    fn from(bytes: Vec<u8>) -> Self {
+        Content::Own(bytes)
+    }
 }
 
 /// A fresh guid. `Uuid::now_v7` is monotonic within this process, so guids
@@ -48,7 +100,7 @@ pub struct DeviceCopy {
     pub device: DeviceId,
     pub registration_id: i64,
     pub msg_type: i32,
-    pub content: Vec<u8>,
+    pub content: Content,
 }
 
 /// A send as the client wrote it (the wire layer turns its JSON into this).
@@ -137,7 +189,7 @@ pub fn validate_send(body: RawSend) -> Result<ValidSend, SendRefusal> {
             device: DeviceId(m.device_id),
             registration_id: m.registration_id,
             msg_type,
-            content,
+            content: content.into(),
         });
     }
     Ok(ValidSend {
@@ -174,7 +226,22 @@ mod tests {
         assert!(!send.ephemeral);
         assert_eq!(send.timestamp, 1);
         assert_eq!(send.copies.len(), 2);
-        assert_eq!(send.copies[0].content, b"hi");
+        assert_eq!(send.copies[0].content.bytes(), &b"hi"[..]);
+    }
+
+    #[test]
+    fn a_shared_copy_is_its_prefix_then_the_shared_payload() {
+        let shared = Arc::new(SharedPayload {
+            id: Uuid::nil(),
+            bytes: b"payload".to_vec(),
+        });
+        let copy = Content::Shared {
+            prefix: b"pre-".to_vec(),
+            shared,
+        };
+        assert_eq!(copy.len(), 11);
+        assert_eq!(copy.bytes(), &b"pre-payload"[..]);
+        assert_eq!(Content::from(b"own".to_vec()).bytes(), &b"own"[..]);
     }
 
     #[test]

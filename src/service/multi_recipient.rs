@@ -10,11 +10,14 @@
 //! waits for every copy like any send.
 
 use std::net::IpAddr;
+use std::sync::Arc;
+
+use uuid::Uuid;
 
 use crate::domain::access::{self, AccessKey, AccessPolicy};
 use crate::domain::address::AccountId;
 use crate::domain::device_set::{self, DeviceSetError};
-use crate::domain::envelope::{DeviceCopy, MAX_CONTENT_BYTES};
+use crate::domain::envelope::{Content, DeviceCopy, SharedPayload, MAX_CONTENT_BYTES};
 use crate::domain::sealed_v2;
 use crate::error::{AccountDevices, ApiError};
 use crate::service::messaging::{self, Prepared, UNIDENTIFIED_SENDER_TYPE};
@@ -71,6 +74,11 @@ pub async fn send(
         return Err(ApiError::Unauthorized);
     }
 
+    // Held once in memory and stored once, however many copies.
+    let shared = Arc::new(SharedPayload {
+        id: Uuid::new_v4(),
+        bytes: message.shared_part().to_vec(),
+    });
     let mut mismatched = Vec::new();
     let mut stale = Vec::new();
     let mut copies = Vec::with_capacity(message.device_count());
@@ -96,7 +104,10 @@ pub async fn send(
                 continue;
             }
         }
-        let content = message.received_message(recipient);
+        let content = Content::Shared {
+            prefix: recipient.prefix().to_vec(),
+            shared: shared.clone(),
+        };
         if content.len() > MAX_CONTENT_BYTES {
             return Err(ApiError::TooLarge(format!(
                 "the message exceeds {MAX_CONTENT_BYTES} bytes per recipient"

@@ -76,6 +76,8 @@ pub async fn sweep(state: &State) -> Result<SweepReport, ApiError> {
                 break;
             }
         }
+        // Multi-recipient payloads whose copies are all gone.
+        store::mailbox::delete_orphaned_shared(conn, store::now_ms())?;
         let codes = store::accounts::sweep_provisioning_codes(conn, store::now_ms())?;
         Ok::<_, ApiError>((messages, codes))
     })

@@ -15,19 +15,26 @@
 //! before the write transaction begins and opened after the read, so no
 //! lock is held while they are. A row with `key_id` NULL is in the clear,
 //! as every row was before the key was set, and reads as it always did.
+//!
+//! A multi-recipient copy ([`Content::Shared`]) stores only its recipient's
+//! prefix in `content` and names the payload shared by the whole send in
+//! `shared_id`; that payload is one `mailbox_shared` row, written with the
+//! first of its copies (sealed under its own AAD when keys are set) and
+//! swept by [`delete_orphaned_shared`] once no row names it.
 
 use diesel::prelude::*;
 use uuid::Uuid;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use diesel::upsert::excluded;
 
-use super::schema::{mailbox, mailbox_counts};
+use super::schema::{mailbox, mailbox_counts, mailbox_shared};
 use super::{with_conn, write_batch, Conn, StoreError};
 use crate::domain::address::{Address, DeviceId};
-use crate::domain::at_rest::{mailbox_row_aad, RowPlaintext, StorageKeys};
-use crate::domain::envelope::Envelope;
+use crate::domain::at_rest::{mailbox_row_aad, shared_payload_aad, RowPlaintext, StorageKeys};
+use crate::domain::envelope::{Content, Envelope, SharedPayload};
 
 /// One write in a batch, applied in order.
 pub enum Write<'a> {
@@ -41,7 +48,7 @@ pub enum Write<'a> {
     },
 }
 
-/// Rows per multi-row INSERT: 10 columns × 500 stays far below SQLite's bound
+/// Rows per multi-row INSERT: 11 columns × 500 stays far below SQLite's bound
 /// on bind parameters.
 const INSERT_CHUNK: usize = 500;
 
@@ -56,7 +63,15 @@ type Row = (
     i64,
     Vec<u8>,
     Option<i32>,
+    Option<String>,
 );
+
+/// A `mailbox_shared` row: id, key id, content (sealed or clear).
+type SharedRow = (String, Option<i32>, Vec<u8>);
+
+/// How long a shared payload no row names is kept: well past the time the
+/// last copy of its send can still be spilled, which writes it again.
+const SHARED_GRACE_MS: i64 = 3_600_000;
 
 /// Adds `delta` to a device's row in `mailbox_counts` (creating it).
 macro_rules! adjust_count {
@@ -104,6 +119,7 @@ macro_rules! insert_rows {
                     mailbox::server_timestamp.eq(r.7),
                     mailbox::content.eq(&r.8),
                     mailbox::key_id.eq(r.9),
+                    mailbox::shared_id.eq(&r.10),
                 )
             })
             .collect();
@@ -144,8 +160,26 @@ pub fn apply(
             Write::Delete { .. } => None,
         })
         .collect();
+    let shared = shared_rows(writes, keys);
+    let now = super::now_ms();
     write_batch(conn, |conn| {
         with_conn!(conn, c => {
+            // Before the rows that name them. Written again by a later spill
+            // of the same send, a payload's clock starts again, so the
+            // sweeper never takes one a new row is about to name.
+            for (id, key_id, content) in &shared {
+                diesel::insert_into(mailbox_shared::table)
+                    .values((
+                        mailbox_shared::id.eq(id),
+                        mailbox_shared::key_id.eq(key_id),
+                        mailbox_shared::content.eq(content),
+                        mailbox_shared::created_at.eq(now),
+                    ))
+                    .on_conflict(mailbox_shared::id)
+                    .do_update()
+                    .set(mailbox_shared::created_at.eq(now))
+                    .execute(c)?;
+            }
             let mut results = Vec::with_capacity(writes.len());
             let mut pending: Vec<&Row> = Vec::new();
             let mut counts: HashMap<(String, i64), i64> = HashMap::new();
@@ -191,19 +225,50 @@ pub fn apply(
     })
 }
 
+/// The shared payloads the inserts of `writes` name, once each, in the
+/// clear or sealed under the current key.
+fn shared_rows(writes: &[Write<'_>], keys: Option<&StorageKeys>) -> Vec<SharedRow> {
+    let mut seen = std::collections::HashSet::new();
+    writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Insert { envelope, .. } => match &envelope.content {
+                Content::Shared { shared, .. } if seen.insert(shared.id) => Some(shared),
+                _ => None,
+            },
+            Write::Delete { .. } => None,
+        })
+        .map(|shared| {
+            let id = shared.id.hyphenated().to_string();
+            match keys {
+                None => (id, None, shared.bytes.clone()),
+                Some(keys) => {
+                    let (key_id, sealed) = keys.seal(&shared_payload_aad(&id), &shared.bytes);
+                    (id, Some(key_id), sealed)
+                }
+            }
+        })
+        .collect()
+}
+
 /// The row that stores `e` for `dest`: in the clear, or sealed under the
-/// current key of `keys` (no sender beside the recipient, no content).
+/// current key of `keys` (no sender beside the recipient, no content). A
+/// shared copy's row holds its own prefix and names the shared payload.
 fn row(dest: Address, e: &Envelope, keys: Option<&StorageKeys>) -> Row {
+    let (own, shared_id) = match &e.content {
+        Content::Own(bytes) => (bytes, None),
+        Content::Shared { prefix, shared } => (prefix, Some(shared.id.hyphenated().to_string())),
+    };
     let (source, source_device, content, key_id) = match keys {
         None => (
             e.source.map(|s| s.account.as_db()),
             e.source.map(|s| s.device.as_db()),
-            e.content.clone(),
+            own.clone(),
             None,
         ),
         Some(keys) => {
             let aad = mailbox_row_aad(dest, e.guid, e.msg_type, e.timestamp);
-            let (id, sealed) = keys.seal(&aad, &RowPlaintext::encode(e.source, &e.content));
+            let (id, sealed) = keys.seal(&aad, &RowPlaintext::encode(e.source, own));
             (None, None, sealed, Some(id))
         }
     };
@@ -218,6 +283,7 @@ fn row(dest: Address, e: &Envelope, keys: Option<&StorageKeys>) -> Row {
         e.server_timestamp,
         content,
         key_id,
+        shared_id,
     )
 }
 
@@ -260,21 +326,61 @@ pub fn load_page(
             mailbox::server_timestamp,
             mailbox::content,
             mailbox::key_id,
+            mailbox::shared_id,
         ))
         .load(c))?;
+    let mut ids: Vec<&String> = rows.iter().filter_map(|r| r.10.as_ref()).collect();
+    ids.sort();
+    ids.dedup();
+    let shared: Vec<SharedRow> = if ids.is_empty() {
+        Vec::new()
+    } else {
+        with_conn!(conn, c => mailbox_shared::table
+            .filter(mailbox_shared::id.eq_any(&ids))
+            .select((mailbox_shared::id, mailbox_shared::key_id, mailbox_shared::content))
+            .load(c))?
+    };
+    let shared: HashMap<String, Arc<SharedPayload>> = shared
+        .into_iter()
+        .filter_map(|row| open_shared(row, keys))
+        .collect();
     Ok(Page {
         rows: rows.len(),
         cursor: rows.last().map(|r| r.2.clone()),
-        envelopes: rows.into_iter().filter_map(|r| envelope(r, keys)).collect(),
+        envelopes: rows
+            .into_iter()
+            .filter_map(|r| envelope(r, keys, &shared))
+            .collect(),
     })
+}
+
+/// A stored shared payload, opened if it is sealed; `None` (logged by the
+/// rows that name it) when it does not open.
+fn open_shared(
+    (id, key_id, content): SharedRow,
+    keys: Option<&StorageKeys>,
+) -> Option<(String, Arc<SharedPayload>)> {
+    let bytes = match key_id {
+        None => content,
+        Some(key_id) => keys?.open(key_id, &shared_payload_aad(&id), &content)?,
+    };
+    let payload = SharedPayload {
+        id: Uuid::parse_str(&id).ok()?,
+        bytes,
+    };
+    Some((id, Arc::new(payload)))
 }
 
 /// Rows were written by this program; one that does not parse, or does not
 /// open (its key is not configured, or it is not where it was written), is
 /// skipped (and logged, naming the recipient and the guid only) rather than
 /// failing the whole page.
-fn envelope(r: Row, keys: Option<&StorageKeys>) -> Option<Envelope> {
-    let (account, device, guid, key_id) = (r.0, r.1, r.2, r.9);
+fn envelope(
+    r: Row,
+    keys: Option<&StorageKeys>,
+    shared: &HashMap<String, Arc<SharedPayload>>,
+) -> Option<Envelope> {
+    let (account, device, guid, key_id, shared_id) = (r.0, r.1, r.2, r.9, r.10);
     let parsed = (|| {
         let guid = Uuid::parse_str(&guid).ok()?;
         let (source, content) = match key_id {
@@ -299,6 +405,13 @@ fn envelope(r: Row, keys: Option<&StorageKeys>) -> Option<Envelope> {
                 }
                 (opened.source, opened.content)
             }
+        };
+        let content = match &shared_id {
+            None => Content::Own(content),
+            Some(id) => Content::Shared {
+                prefix: content,
+                shared: shared.get(id)?.clone(),
+            },
         };
         Some(Envelope {
             guid,
@@ -385,4 +498,23 @@ pub fn total(conn: &mut Conn) -> Result<i64, StoreError> {
     )
     .get_result(c))?;
     Ok(total.n)
+}
+
+/// Removes the shared payloads no mailbox row names any more (all their
+/// copies acknowledged or expired), once untouched for [`SHARED_GRACE_MS`].
+pub fn delete_orphaned_shared(conn: &mut Conn, now_ms: i64) -> Result<usize, StoreError> {
+    use diesel::dsl::{exists, not};
+    let cutoff = now_ms - SHARED_GRACE_MS;
+    let n = write_batch(conn, |conn| {
+        with_conn!(conn, c => diesel::delete(
+            mailbox_shared::table
+                .filter(mailbox_shared::created_at.lt(cutoff))
+                .filter(not(exists(
+                    mailbox::table.filter(mailbox::shared_id.eq(mailbox_shared::id.nullable())),
+                ))),
+        )
+        .execute(c)
+        .map_err(StoreError::from))
+    })?;
+    Ok(n)
 }

@@ -83,6 +83,16 @@ diesel::table! {
         server_timestamp -> BigInt,
         content -> Binary,
         key_id -> Nullable<Integer>,
+        shared_id -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    mailbox_shared (id) {
+        id -> Text,
+        key_id -> Nullable<Integer>,
+        content -> Binary,
+        created_at -> BigInt,
     }
 }
 
@@ -125,6 +135,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     pq_one_time_pre_keys,
     provisioning_codes,
     mailbox,
+    mailbox_shared,
     mailbox_counts,
     vapid_key,
     push_subscriptions,

@@ -279,7 +279,7 @@ impl From<&Envelope> for EnvelopeJson {
             msg_type: e.msg_type,
             timestamp: e.timestamp,
             server_timestamp: e.server_timestamp,
-            content: b64(&e.content),
+            content: b64(&e.content.bytes()),
         }
     }
 }

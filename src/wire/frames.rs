@@ -162,7 +162,7 @@ pub fn message_frame(e: &Envelope) -> String {
         r#""type":{},"timestamp":{},"serverTimestamp":{},"content":""#,
         e.msg_type, e.timestamp, e.server_timestamp,
     );
-    STANDARD.encode_string(&e.content, &mut out);
+    STANDARD.encode_string(&*e.content.bytes(), &mut out);
     out.push_str("\"}}");
     out
 }

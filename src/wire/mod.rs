@@ -33,7 +33,7 @@ mod tests {
             msg_type: 3,
             timestamp: -1,
             server_timestamp: 1_700_000_000_000,
-            content: (0..=255u8).collect(),
+            content: (0..=255u8).collect::<Vec<u8>>().into(),
         };
         let direct: Value = serde_json::from_str(&message_frame(&e)).unwrap();
         let serde: Value = serde_json::from_str(
@@ -45,7 +45,7 @@ mod tests {
         .unwrap();
         assert_eq!(direct, serde);
         let empty = Envelope {
-            content: Vec::new(),
+            content: Vec::new().into(),
             ..e
         };
         let direct: Value = serde_json::from_str(&message_frame(&empty)).unwrap();
@@ -67,6 +67,19 @@ mod tests {
         assert_eq!(direct, serde);
         assert!(direct["envelope"].get("source").is_none());
         assert!(direct["envelope"].get("sourceDevice").is_none());
+        // A multi-recipient copy: its prefix and the shared payload, joined.
+        let shared = Envelope {
+            content: crate::domain::envelope::Content::Shared {
+                prefix: vec![0x22, 1, 2],
+                shared: std::sync::Arc::new(crate::domain::envelope::SharedPayload {
+                    id: uuid::Uuid::nil(),
+                    bytes: vec![3, 4, 5, 6],
+                }),
+            },
+            ..sealed
+        };
+        let direct: Value = serde_json::from_str(&message_frame(&shared)).unwrap();
+        assert_eq!(direct["envelope"]["content"], "IgECAwQFBg==");
     }
 
     #[test]

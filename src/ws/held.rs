@@ -293,7 +293,7 @@ mod tests {
                 msg_type: 1,
                 timestamp: 0,
                 server_timestamp: 0,
-                content: vec![0; bytes],
+                content: vec![0; bytes].into(),
             }),
             ephemeral: false,
             reply,
