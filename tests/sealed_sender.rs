@@ -347,7 +347,29 @@ async fn unidentified_sends_are_limited_per_destination(backend: Backend) {
     assert_eq!(status, StatusCode::OK);
 }
 
+async fn unidentified_connections_are_limited_per_address(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| {
+        c.rate_limits = true;
+        c.limits[Limit::UnidentifiedConnectPerIp] = "2/h".parse().unwrap();
+    })
+    .await;
+    let first = unidentified(&server.url("")).await;
+    let second = unidentified(&server.url("")).await;
+    let url = server.url("/v1/websocket").replacen("http://", "ws://", 1);
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429);
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    // A device's own connection does not count against it.
+    let bob = TestDevice::register(&server).await;
+    connect_empty(&bob).await;
+    drop((first, second));
+}
+
 backends!(
+    unidentified_connections_are_limited_per_address,
     certificates_chain_to_the_trust_root,
     attributes_are_the_primarys_to_set,
     a_sealed_send_names_no_sender,

@@ -54,6 +54,10 @@ pub async fn connect(
     match who {
         Connecting::Device(address) => crate::ws::start(&req, payload, address, state),
         Connecting::Unidentified(client) => {
+            state
+                .limits
+                .check(crate::limits::Limit::UnidentifiedConnectPerIp, client)
+                .await?;
             crate::ws::start_unidentified(&req, payload, client, state)
         }
     }

@@ -99,6 +99,9 @@ limits! {
     /// Sealed-sender sends (single and multi-recipient) per client IP: they
     /// name no sender to count against.
     UnidentifiedSendPerIp: "unidentified_send_per_ip", Rate::new(6_000, MINUTE), ClientIp;
+    /// Unidentified WebSocket connections (no credentials) opened per client
+    /// IP: they cost the server a socket and an actor each.
+    UnidentifiedConnectPerIp: "unidentified_connect_per_ip", Rate::new(60, MINUTE), ClientIp;
     /// Sealed-sender sends per destination account.
     UnidentifiedSendPerDestination: "unidentified_send_per_destination", Rate::new(6_000, MINUTE), Account;
     /// `GET /v1/certificate/delivery` per account: each is a signature.
@@ -472,6 +475,7 @@ mod tests {
                 "rendezvous_join_per_account = 30/min",
                 "push_subscribe_per_account = 20/h",
                 "unidentified_send_per_ip = 6000/min",
+                "unidentified_connect_per_ip = 60/min",
                 "unidentified_send_per_destination = 6000/min",
                 "sender_certificate_per_account = 100/h",
             ]
