@@ -325,9 +325,14 @@ fn assert_valid_exposition(text: &str) {
 /// the log.
 async fn logs_never_contain_secrets(backend: Backend) {
     let db = Database::fresh(backend);
+    let storage_key = b64(&[0x5a; 32]);
     let p = CourierProcess::start(
         &db.url(),
-        &[("RUST_LOG", "debug"), ("COURIER_ACK_TIMEOUT_MS", "200")],
+        &[
+            ("RUST_LOG", "debug"),
+            ("COURIER_ACK_TIMEOUT_MS", "200"),
+            ("COURIER_STORAGE_KEY", &storage_key),
+        ],
     );
     let base = p.url("");
     let alice = TestDevice::register_at(&base).await;
@@ -352,6 +357,29 @@ async fn logs_never_contain_secrets(backend: Backend) {
     bob.request(Method::DELETE, &format!("/v1/messages/{guid}"), None)
         .await;
     bob.request(Method::GET, "/v1/devices", None).await;
+    // Sealed sender: an access key, a sealed send, a sender certificate.
+    let access_key = b64(b"log-access-key16");
+    bob.request(
+        Method::PUT,
+        "/v1/accounts/attributes",
+        Some(&json!({"unidentifiedAccessKey": access_key})),
+    )
+    .await;
+    let mut sealed = send_body(&[bob.target(), linked.target()], secret_content, false);
+    sealed["messages"][0]["type"] = json!(6);
+    sealed["messages"][1]["type"] = json!(6);
+    let res = http()
+        .put(format!("{base}/v1/messages/{}", bob.uuid))
+        .header("Unidentified-Access-Key", &access_key)
+        .json(&sealed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let (_, certificate) = bob
+        .request(Method::GET, "/v1/certificate/delivery", None)
+        .await;
+    let certificate = certificate["certificate"].as_str().unwrap().to_owned();
     // WebSocket with the password in the query string.
     let ws_url = format!(
         "{}/v1/websocket?login={}&password={}",
@@ -405,7 +433,17 @@ async fn logs_never_contain_secrets(backend: Backend) {
         keys["preKeys"][0]["publicKey"].as_str().unwrap().to_owned(),
         "Basic ".to_owned(),
         "password=".to_owned(),
+        storage_key,
+        access_key,
+        certificate,
     ];
+    // Nor the private keys of the certificate set.
+    let private: Vec<String> = ["server.key", "trust-root.key"]
+        .iter()
+        .map(|f| std::fs::read_to_string(certificates_dir().join(f)).unwrap())
+        .map(|text| text.trim().to_owned())
+        .collect();
+    let forbidden = forbidden.into_iter().chain(private);
     for needle in forbidden {
         assert!(!log.contains(&needle), "log contains {needle:?}:\n{log}");
     }
