@@ -6,10 +6,13 @@ use actix_http::ws::{Frame, Item, ProtocolError};
 use actix_web::web::Bytes;
 use tokio::sync::oneshot;
 
-use super::gate::RATE_LIMITED_PAUSE;
+use std::rc::Rc;
+
+use super::gate::{InflightGate, RATE_LIMITED_PAUSE};
 use super::session::{close_code, DeviceSession};
 use crate::error::ApiError;
 use crate::service::messaging::{self, SendAs};
+use crate::service::state::State;
 use crate::wire::{self, ClientFrame, ServerFrame, MAX_SEND_BYTES};
 
 /// Consecutive unusable frames tolerated before the connection is closed.
@@ -157,47 +160,62 @@ impl DeviceSession {
         ctx: &mut Context<Self>,
     ) {
         self.bad_frames = 0;
-        self.gate.acquire();
-        let state = self.state.clone();
-        let sender = self.address;
-        let previous = self.last_routed.take();
-        let (routed_tx, routed_rx) = oneshot::channel();
-        self.last_routed = Some(routed_rx);
-        let work = async move {
-            let prepared =
-                messaging::prepare(&state, SendAs::Device(sender), &destination, body).await;
-            if let Some(previous) = previous {
-                let _ = previous.await;
+        let session = ctx.address();
+        spawn_send(
+            self.state.clone(),
+            SendAs::Device(self.address),
+            destination,
+            body,
+            &mut self.last_routed,
+            self.gate.clone(),
+            move |result| session.do_send(Answered { id, result }),
+        );
+    }
+}
+
+/// Prepares and routes one `send` frame, for a device's connection and an
+/// unidentified one alike. Copies are routed in frame order: after the
+/// previous send of the connection (`order`) was routed. The work runs as
+/// a task of its own, not `ctx.spawn`: actix polls every future spawned on
+/// a context each time the actor wakes, so with hundreds of sends in flight
+/// per connection every frame would cost hundreds of polls. A task is woken
+/// alone; it runs on this thread and hands the answer to `answer`. The gate
+/// is held meanwhile and released even if the session has gone.
+pub(super) fn spawn_send(
+    state: State,
+    from: SendAs,
+    destination: String,
+    body: wire::SendRequest,
+    order: &mut Option<oneshot::Receiver<()>>,
+    gate: Rc<InflightGate>,
+    answer: impl FnOnce(Result<wire::SendResponse, ApiError>) + 'static,
+) {
+    gate.acquire();
+    let previous = order.take();
+    let (routed_tx, routed_rx) = oneshot::channel();
+    *order = Some(routed_rx);
+    actix::spawn(async move {
+        let prepared = messaging::prepare(&state, from, &destination, body).await;
+        if let Some(previous) = previous {
+            let _ = previous.await;
+        }
+        let result = match prepared {
+            Ok(prepared) => {
+                let outcome = messaging::route(&state, prepared);
+                let _ = routed_tx.send(());
+                outcome.await
             }
-            match prepared {
-                Ok(prepared) => {
-                    let answer = messaging::route(&state, prepared);
-                    let _ = routed_tx.send(());
-                    answer.await
-                }
-                Err(e) => {
-                    let _ = routed_tx.send(());
-                    Err(e)
-                }
+            Err(e) => {
+                let _ = routed_tx.send(());
+                Err(e)
             }
         };
-        // A task of its own, not `ctx.spawn`: actix polls every future
-        // spawned on a context each time the actor wakes, so with hundreds
-        // of sends in flight per connection every frame would cost hundreds
-        // of polls. A task is woken alone; it runs on this thread and hands
-        // the answer back as a message. The gate is released here even if
-        // the session has gone.
-        let gate = self.gate.clone();
-        let session = ctx.address();
-        actix::spawn(async move {
-            let result = work.await;
-            if let Err(ApiError::RateLimited { .. }) = result {
-                gate.pause(RATE_LIMITED_PAUSE);
-            }
-            gate.release();
-            session.do_send(Answered { id, result });
-        });
-    }
+        if let Err(ApiError::RateLimited { .. }) = result {
+            gate.pause(RATE_LIMITED_PAUSE);
+        }
+        gate.release();
+        answer(result);
+    });
 }
 
 /// A send's answer, back from its task (see [`DeviceSession::on_send`]).

@@ -22,8 +22,11 @@ pub mod session;
 pub mod transport;
 pub mod unidentified;
 
-use actix::{Actor, AsyncContext};
+use std::rc::Rc;
+
+use actix::{Actor, AsyncContext, Context, StreamHandler};
 use actix_http::body::{BodyStream, MessageBody};
+use actix_http::ws::{Frame, ProtocolError};
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::domain::address::Address;
@@ -31,6 +34,7 @@ use crate::service::state::State;
 use gate::{GatedStream, InflightGate};
 use session::DeviceSession;
 use transport::{ConnSocket, Inbox, Outbox};
+use unidentified::SenderSession;
 
 /// Answers the upgrade of an authenticated device and starts its session
 /// on this thread's arbiter.
@@ -40,16 +44,9 @@ pub fn start(
     address: Address,
     state: State,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let mut response = actix_http::ws::handshake(req.head())?;
-    let (outbox, body) = Outbox::new();
-    let gate = InflightGate::new(state.config.max_inflight_sends);
-    let socket = req.conn_data::<ConnSocket>().cloned();
-    let frames = GatedStream::new(Inbox::new(payload, frames::MAX_FRAME_BYTES), gate.clone());
-    DeviceSession::create(move |ctx| {
-        ctx.add_stream(frames);
+    upgrade(req, payload, state, move |state, gate, outbox, socket| {
         DeviceSession::new(address, state, gate, outbox, socket)
-    });
-    Ok(response.message_body(BodyStream::new(body).boxed())?.into())
+    })
 }
 
 /// Answers the upgrade of an unidentified connection (no credentials) and
@@ -60,14 +57,30 @@ pub fn start_unidentified(
     client: std::net::IpAddr,
     state: State,
 ) -> Result<HttpResponse, actix_web::Error> {
+    upgrade(req, payload, state, move |state, gate, outbox, socket| {
+        SenderSession::new(client, state, gate, outbox, socket)
+    })
+}
+
+/// The handshake answer, and the session actor `make` builds, fed the
+/// connection's frames through its in-flight gate.
+fn upgrade<A>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: State,
+    make: impl FnOnce(State, Rc<InflightGate>, Outbox, Option<ConnSocket>) -> A + 'static,
+) -> Result<HttpResponse, actix_web::Error>
+where
+    A: Actor<Context = Context<A>> + StreamHandler<Result<Frame, ProtocolError>>,
+{
     let mut response = actix_http::ws::handshake(req.head())?;
     let (outbox, body) = Outbox::new();
     let gate = InflightGate::new(state.config.max_inflight_sends);
     let socket = req.conn_data::<ConnSocket>().cloned();
     let frames = GatedStream::new(Inbox::new(payload, frames::MAX_FRAME_BYTES), gate.clone());
-    unidentified::SenderSession::create(move |ctx| {
+    A::create(move |ctx| {
         ctx.add_stream(frames);
-        unidentified::SenderSession::new(client, state, gate, outbox, socket)
+        make(state, gate, outbox, socket)
     });
     Ok(response.message_body(BodyStream::new(body).boxed())?.into())
 }

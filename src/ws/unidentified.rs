@@ -16,14 +16,15 @@ use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, Stream
 use actix_http::ws::{Frame, Item, ProtocolError};
 use tokio::sync::oneshot;
 
-use super::frames::{response_frame, MAX_FRAME_BYTES};
-use super::gate::{InflightGate, RATE_LIMITED_PAUSE};
+use super::frames::{response_frame, spawn_send, MAX_FRAME_BYTES};
+use super::gate::InflightGate;
 use super::session::MAX_UNSENT_BYTES;
 use super::session::{close_code, CLIENT_TIMEOUT, CLOSE_GRACE, HEARTBEAT_INTERVAL};
 use super::transport::{finish_or_cut, ConnSocket, Outbox};
+use crate::domain::access::AccessKey;
 use crate::error::ApiError;
 use crate::http::auth::access_key;
-use crate::service::messaging::{self, SendAs};
+use crate::service::messaging::SendAs;
 use crate::service::state::State;
 use crate::wire::{self, ClientFrame, ServerFrame, MAX_SEND_BYTES};
 
@@ -161,49 +162,29 @@ impl SenderSession {
         }
     }
 
-    /// As a device's send (`ws::frames`), routed in frame order in a task of
-    /// its own, but as nobody.
+    /// As a device's send, but as nobody.
     fn on_send(
         &mut self,
         id: serde_json::Number,
         destination: String,
-        key: crate::domain::access::AccessKey,
+        key: AccessKey,
         body: wire::SendRequest,
         ctx: &mut Context<Self>,
     ) {
-        self.gate.acquire();
-        let state = self.state.clone();
         let from = SendAs::Unidentified {
             key,
             client: self.client,
         };
-        let previous = self.last_routed.take();
-        let (routed_tx, routed_rx) = oneshot::channel();
-        self.last_routed = Some(routed_rx);
-        let gate = self.gate.clone();
         let session = ctx.address();
-        actix::spawn(async move {
-            let prepared = messaging::prepare(&state, from, &destination, body).await;
-            if let Some(previous) = previous {
-                let _ = previous.await;
-            }
-            let result = match prepared {
-                Ok(prepared) => {
-                    let answer = messaging::route(&state, prepared);
-                    let _ = routed_tx.send(());
-                    answer.await
-                }
-                Err(e) => {
-                    let _ = routed_tx.send(());
-                    Err(e)
-                }
-            };
-            if let Err(ApiError::RateLimited { .. }) = result {
-                gate.pause(RATE_LIMITED_PAUSE);
-            }
-            gate.release();
-            session.do_send(Answered { id, result });
-        });
+        spawn_send(
+            self.state.clone(),
+            from,
+            destination,
+            body,
+            &mut self.last_routed,
+            self.gate.clone(),
+            move |result| session.do_send(Answered { id, result }),
+        );
     }
 }
 
