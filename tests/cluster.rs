@@ -393,3 +393,83 @@ async fn after_a_redis_outage_copies_stored_meanwhile_reach_the_live_connection(
     assert_eq!(body["results"][0]["status"], "delivered", "{body}");
     mailbox_empties(&at(&receiver, &nodes[0])).await;
 }
+
+/// Sealed sender across nodes: an unidentified send through node 1 to a
+/// device connected to node 2 is pushed there without a sender, and a
+/// multi-recipient send through node 3 reaches devices on nodes 1 and 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_sends_cross_nodes_without_a_sender() {
+    let Some(c) = three_nodes().await else { return };
+    let key = [0x42u8; 16];
+    let bob = TestDevice::register(&c.nodes[0]).await;
+    let carol = TestDevice::register(&c.nodes[0]).await;
+    for d in [&bob, &carol] {
+        let body = json!({"unidentifiedAccessKey": b64(&key)});
+        let (status, _) = d
+            .request(Method::PUT, "/v1/accounts/attributes", Some(&body))
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    let mut bob_ws = connect_empty(&at(&bob, &c.nodes[1])).await;
+    let mut carol_ws = connect_empty(&at(&carol, &c.nodes[0])).await;
+
+    let mut body = send_body(&[bob.target()], b"sealed across nodes", false);
+    body["messages"][0]["type"] = json!(6);
+    let send = tokio::spawn({
+        let url = c.nodes[0].url(&format!("/v1/messages/{}", bob.uuid));
+        async move {
+            let res = http()
+                .put(url)
+                .header("Unidentified-Access-Key", b64(&key))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (res.status(), res.json::<Value>().await.unwrap())
+        }
+    });
+    let (pushed, _) = bob_ws.until_op("message").await;
+    assert!(pushed["envelope"].get("source").is_none(), "{pushed}");
+    assert_eq!(content_of(&pushed["envelope"]), b"sealed across nodes");
+    bob_ws
+        .ack(pushed["envelope"]["guid"].as_str().unwrap())
+        .await;
+    let (status, answer) = send.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(results(&answer)[&1].1, "delivered");
+
+    // Multi-recipient through node 3: a 0x23 body for bob.1 and carol.1.
+    let mut mrm = vec![0x23, 2];
+    for (d, fill) in [(&bob, 0xb0u8), (&carol, 0xc0)] {
+        mrm.push(0x00);
+        mrm.extend_from_slice(uuid::Uuid::parse_str(&d.uuid).unwrap().as_bytes());
+        mrm.push(1);
+        mrm.extend_from_slice(&(d.registration_id as u16).to_be_bytes());
+        mrm.extend_from_slice(&[fill; 48]);
+    }
+    let shared = [[0xe5u8; 32].as_slice(), b"shared ciphertext and tag"].concat();
+    mrm.extend_from_slice(&shared);
+    let send = tokio::spawn({
+        let url = c.nodes[2].url("/v1/messages/multi_recipient?ts=5&online=false");
+        async move {
+            let res = http()
+                .put(url)
+                .header("Content-Type", "application/vnd.signal-messenger.mrm")
+                .header("Unidentified-Access-Key", b64(&[0; 16])) // 0x42 ^ 0x42
+                .body(mrm)
+                .send()
+                .await
+                .unwrap();
+            res.status()
+        }
+    });
+    for (ws, fill) in [(&mut bob_ws, 0xb0u8), (&mut carol_ws, 0xc0)] {
+        let (pushed, _) = ws.until_op("message").await;
+        let envelope = &pushed["envelope"];
+        assert!(envelope.get("source").is_none(), "{envelope}");
+        let expected = [&[0x22][..], &[fill; 48], &shared].concat();
+        assert_eq!(content_of(envelope), expected);
+        ws.ack(envelope["guid"].as_str().unwrap()).await;
+    }
+    assert_eq!(send.await.unwrap(), StatusCode::OK);
+}
