@@ -341,7 +341,30 @@ async fn a_row_moved_elsewhere_does_not_open(backend: Backend) {
     receives(&alice, &[]).await;
 }
 
+/// `GET /v1/messages` reads past a full page of rows it cannot open (their
+/// key was dropped) to the copies it can, instead of answering an empty
+/// page that says `more`.
+async fn http_fetch_reads_past_rows_it_cannot_open(backend: Backend) {
+    let mut server = TestServer::start_with(backend, |c| c.storage_key = Some(key_b64(4))).await;
+    let alice = TestDevice::register(&server).await;
+    let bob = TestDevice::register(&server).await;
+    for i in 0..130 {
+        send(&alice, &bob, format!("lost {i}").as_bytes()).await;
+    }
+    server.config.storage_key = Some(key_b64(5));
+    let server = server.restart().await;
+    let (alice, bob) = (on(&server, &alice), on(&server, &bob));
+    let guid = send(&alice, &bob, b"readable").await;
+    let (status, page) = bob.request(Method::GET, "/v1/messages", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let messages = page["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 1, "{page}");
+    assert_eq!(messages[0]["guid"], guid.as_str());
+    assert_eq!(page["more"], false);
+}
+
 backends!(
+    http_fetch_reads_past_rows_it_cannot_open,
     sealed_rows_hide_sender_and_content,
     rotation_reads_old_rows_and_a_dropped_key_skips_its_rows,
     a_row_moved_elsewhere_does_not_open,

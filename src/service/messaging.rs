@@ -34,6 +34,8 @@ use crate::wire::{
 
 /// Envelopes per `GET /v1/messages` page.
 const FETCH_PAGE: i64 = 100;
+/// Pages of rows one `GET /v1/messages` reads at most, past unreadable rows.
+const FETCH_SCAN_PAGES: usize = 10;
 
 impl From<SendRefusal> for ApiError {
     fn from(r: SendRefusal) -> Self {
@@ -333,15 +335,33 @@ pub async fn send(
 /// The oldest page of `device`'s mailbox.
 pub async fn fetch(state: &State, device: Address) -> Result<MessageList, ApiError> {
     let keys = state.storage_keys.clone();
-    let page = store::blocking(&state.pool, move |conn| {
-        store::mailbox::load_page(conn, device, None, FETCH_PAGE + 1, keys.as_deref())
-            .map_err(ApiError::from)
+    let (envelopes, more) = store::blocking(&state.pool, move |conn| {
+        // Rows that cannot be read (a storage key dropped too early) are
+        // skipped, so a page may hold fewer copies than rows: read on, up to
+        // a bound, rather than answer an empty page that says `more`.
+        let mut envelopes = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..FETCH_SCAN_PAGES {
+            let page = store::mailbox::load_page(
+                conn,
+                device,
+                cursor.as_deref(),
+                FETCH_PAGE + 1,
+                keys.as_deref(),
+            )
+            .map_err(ApiError::from)?;
+            envelopes.extend(page.envelopes);
+            if envelopes.len() as i64 > FETCH_PAGE || (page.rows as i64) <= FETCH_PAGE {
+                let more = envelopes.len() as i64 > FETCH_PAGE;
+                return Ok::<_, ApiError>((envelopes, more));
+            }
+            cursor = page.cursor;
+        }
+        Ok((envelopes, true))
     })
     .await?;
-    let more = page.rows as i64 > FETCH_PAGE;
     Ok(MessageList {
-        messages: page
-            .envelopes
+        messages: envelopes
             .iter()
             .take(FETCH_PAGE as usize)
             .map(EnvelopeJson::from)
