@@ -6,8 +6,9 @@
 
 The checked-in seeds (fuzz/seeds) hold no libsignal material: their keys are random bytes with the
 right type byte and length, so they decode but never verify. Seeds with real, verifying XEdDSA
-signatures come from the repository's test data, tests/data/libsignal-keys.json; this script writes
-them into the gitignored fuzz/corpus/ rather than committing a second copy.
+signatures come from the repository's test data, tests/data/libsignal-keys.json, and Sealed Sender v2
+bodies written by libsignal from tests/data/sealed-sender-v2.json; this script writes them into the
+gitignored fuzz/corpus/ rather than committing a second copy.
 """
 import base64
 import json
@@ -17,6 +18,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VECTORS = os.path.join(HERE, "..", "tests", "data", "libsignal-keys.json")
+SSV2_VECTORS = os.path.join(HERE, "..", "tests", "data", "sealed-sender-v2.json")
 UUID = "6f1c3d2e-8b4a-4c1e-9f00-0123456789ab"
 
 
@@ -90,8 +92,35 @@ def checked_in():
     write("seeds", "key_decoders", "ec", "\x01" + "\n".join([ec(), ec(), sig()]))
     write("seeds", "key_decoders", "kyber", "\x01" + "\n".join([ec(), kyber(), sig()]))
 
+    # Sealed Sender v2 SentMessages in libsignal's layout, random key material and ciphertext
+    # (see src/domain/sealed_v2.rs). Entries: (kind, uuid bytes, [(device, registration id)]);
+    # no devices = an excluded recipient.
+    def ssv2(version, entries, ciphertext_len):
+        out = bytearray([version, len(entries)])
+        for kind, uid, devices in entries:
+            if version == 0x23:
+                out.append(kind)
+            out += uid
+            if not devices:
+                out.append(0)
+                continue
+            for i, (d, reg) in enumerate(devices):
+                more = 0x8000 if i + 1 < len(devices) else 0
+                out.append(d)
+                out += (reg | more).to_bytes(2, "big")
+            out += rnd(48)
+        return bytes(out) + rnd(32) + rnd(ciphertext_len)
+    a, b, c = rnd(16), rnd(16), rnd(16)
+    two = [(0, a, [(1, 4242), (2, 16383)]), (0, b, [(1, 1)])]
+    write("seeds", "sealed_v2_parse", "two-recipients", ssv2(0x23, two, 64))
+    write("seeds", "sealed_v2_parse", "two-recipients-v22", ssv2(0x22, two, 64))
+    write("seeds", "sealed_v2_parse", "excluded", ssv2(0x23, two + [(0, c, [])], 17))
+    write("seeds", "sealed_v2_parse", "pni", ssv2(0x23, [(1, c, [(3, 9)])], 20))
+    write("seeds", "sealed_v2_parse", "repeated", ssv2(0x23, [(0, a, [(1, 1)]), (0, a, [(2, 2)])], 20))
 
-TARGETS = ["ws_frame", "send_body", "key_upload", "account_bodies", "key_decoders"]
+
+TARGETS = ["ws_frame", "send_body", "key_upload", "account_bodies", "key_decoders",
+           "sealed_v2_parse"]
 
 
 def from_vectors():
@@ -119,6 +148,10 @@ def from_vectors():
         write("corpus", "key_decoders", "invalid-%d" % i,
               "\x01" + "\n".join([v["identityKey"], spk["publicKey"], spk["signature"]]))
         write("corpus", "key_upload", "invalid-%d" % i, v)
+    # Sealed Sender v2 bodies written by libsignal's sealedSenderMultiRecipientEncrypt.
+    with open(SSV2_VECTORS) as f:
+        for v in json.load(f)["vectors"]:
+            write("corpus", "sealed_v2_parse", v["name"], base64.b64decode(v["body"]))
 
 
 if __name__ == "__main__":
