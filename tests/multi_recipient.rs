@@ -206,8 +206,12 @@ async fn hostile_bodies_are_400(backend: Backend) {
             [&[0x23, 0xff, 0xff, 0xff, 0xff, 0x0f][..], &good[2..]].concat(),
         ),
         (
-            "repeated recipient",
-            body(&[to(&a1.uuid, &[&a1], 1), to(&a1.uuid, &[&a2], 1)]),
+            "repeated recipient, other key material",
+            body(&[to(&a1.uuid, &[&a1], 1), to(&a1.uuid, &[&a2], 2)]),
+        ),
+        (
+            "a device repeated across entries",
+            body(&[to(&a1.uuid, &[&a1], 1), to(&a1.uuid, &[&a1, &a2], 1)]),
         ),
         ("repeated device", body(&[to(&a1.uuid, &[&a1, &a1], 1)])),
         (
@@ -232,6 +236,16 @@ async fn hostile_bodies_are_400(backend: Backend) {
     }
     let (status, answer) = put(&base, key, MRM, good).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
+    // An account listed twice with the same key material, as libsignal
+    // writes it when its devices are not listed together: merged.
+    let interleaved = body(&[
+        to(&a1.uuid, &[&a1], 1),
+        to(&b1.uuid, &[&b1], 2),
+        to(&a1.uuid, &[&a2], 1),
+    ]);
+    let (status, answer) = put(&base, key, MRM, interleaved).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(mailbox(&a2).await.len(), 2);
 }
 
 #[derive(diesel::QueryableByName)]

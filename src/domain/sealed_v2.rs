@@ -39,11 +39,13 @@
 //!   but then skips only the *canonical* length of the decoded value, so an over-long
 //!   encoding (`81 00` for 1) makes it read the rest of the body shifted; refusing such
 //!   bodies keeps courier from disagreeing with libsignal about what a body says.
-//! - **A recipient may appear once.** libsignal merges repeated recipients that carry
-//!   devices (it only refuses a repeat involving an excluded entry). Its encryptor writes
-//!   such a repeat when the caller lists one account's devices non-contiguously (the repeat
-//!   carries identical key material); the vector `group-interleaved` in
-//!   `tests/data/sealed-sender-v2.json` is one, and courier refuses it.
+//! - **A repeated recipient must repeat its key material.** libsignal's encryptor writes
+//!   an account again when the caller lists its devices non-contiguously, with identical
+//!   key material, and its parser merges the entries (the vector `group-interleaved` in
+//!   `tests/data/sealed-sender-v2.json`); courier merges them too. libsignal does not
+//!   compare the key material; courier refuses a repeat whose key material differs, since
+//!   some device would get a copy it cannot decrypt. A repeat involving an excluded entry
+//!   is refused, as libsignal refuses it.
 //! - **A device may appear once per recipient** (libsignal leaves this to the server;
 //!   Signal-Server answers 400 for duplicate devices).
 //! - **Only ACIs**, as recipients and as excluded recipients: courier has no PNIs.
@@ -172,8 +174,13 @@ pub fn parse(body: &[u8]) -> Result<SentMessage<'_>, ParseError> {
     // `count` is at most MAX_RECIPIENTS, and no entry is shorter than MIN_ENTRY_LEN.
     let capacity = count.min(r.0.len() / MIN_ENTRY_LEN);
     let mut recipients: Vec<Recipient<'_>> = Vec::with_capacity(capacity);
+    // Per recipient, bit n set: device n already listed (ids are at most 127).
+    let mut listed: Vec<u128> = Vec::with_capacity(capacity);
     let mut excluded: Vec<Uuid> = Vec::new();
-    let mut seen = std::collections::HashSet::with_capacity(capacity);
+    // Where each account seen so far went: `Some(index)` into `recipients`,
+    // `None` for an excluded one.
+    let mut seen: std::collections::HashMap<Uuid, Option<usize>> =
+        std::collections::HashMap::with_capacity(capacity);
 
     for _ in 0..count {
         let account = if version == VERSION_UUID {
@@ -185,27 +192,32 @@ pub fn parse(body: &[u8]) -> Result<SentMessage<'_>, ParseError> {
                 _ => return Err(ParseError::UnknownServiceIdKind),
             }
         };
-        if !seen.insert(account) {
-            return Err(ParseError::DuplicateRecipient);
-        }
+        let earlier = seen.get(&account).copied();
 
         let mut device = r.byte("a recipient's device list")?;
         if device == 0 {
+            if earlier.is_some() {
+                return Err(ParseError::DuplicateRecipient);
+            }
+            seen.insert(account, None);
             excluded.push(account);
             continue;
         }
         let mut devices = Vec::new();
-        // Bit n set: device n already listed. Device ids are at most 127.
-        let mut listed: u128 = 0;
+        let mut mask = match earlier {
+            Some(Some(i)) => listed[i],
+            Some(None) => return Err(ParseError::DuplicateRecipient),
+            None => 0,
+        };
         loop {
             if device == 0 || device > MAX_DEVICE_ID {
                 return Err(ParseError::InvalidDeviceId);
             }
             let bit = 1u128 << device;
-            if listed & bit != 0 {
+            if mask & bit != 0 {
                 return Err(ParseError::DuplicateDevice);
             }
-            listed |= bit;
+            mask |= bit;
             let field = r.u16("a device's registration id")?;
             devices.push((DeviceId(u32::from(device)), field & REGISTRATION_ID_MASK));
             if field & HAS_MORE == 0 {
@@ -214,11 +226,28 @@ pub fn parse(body: &[u8]) -> Result<SentMessage<'_>, ParseError> {
             device = r.byte("a recipient's device list")?;
         }
         let key_material = r.take(KEY_MATERIAL_LEN, "a recipient's key material")?;
-        recipients.push(Recipient {
-            account,
-            devices,
-            key_material,
-        });
+        match earlier {
+            // libsignal's encryptor writes an account again when its devices
+            // are not listed together, with the same key material; its
+            // parser merges the entries, and so does courier. Different key
+            // material could not decrypt on every device: refused.
+            Some(Some(i)) => {
+                if recipients[i].key_material != key_material {
+                    return Err(ParseError::DuplicateRecipient);
+                }
+                recipients[i].devices.extend(devices);
+                listed[i] = mask;
+            }
+            _ => {
+                seen.insert(account, Some(recipients.len()));
+                listed.push(mask);
+                recipients.push(Recipient {
+                    account,
+                    devices,
+                    key_material,
+                });
+            }
+        }
     }
 
     let shared = r.0;
@@ -594,12 +623,29 @@ mod tests {
     fn repeated_recipients() {
         let a = || Entry::To(0, uuid(0xA1), vec![(3, 1)], 0xA0);
         let x = || Entry::Excluded(0, uuid(0xA1));
-        for entries in [
-            vec![a(), a()],
-            vec![a(), x()],
-            vec![x(), a()],
-            vec![x(), x()],
-        ] {
+        // The same account's devices in two entries with the same key
+        // material (libsignal writes this): merged, in order.
+        let a4 = || Entry::To(0, uuid(0xA1), vec![(4, 2)], 0xA0);
+        let b = || Entry::To(0, uuid(0xB1), vec![(1, 9)], 0xB0);
+        let body = build(VERSION_SERVICE_ID, &[a(), b(), a4()], 20);
+        let merged = parse(&body).unwrap();
+        assert_eq!(merged.recipients.len(), 2);
+        assert_eq!(merged.recipients[0].account, uuid(0xA1));
+        assert_eq!(
+            merged.recipients[0].devices,
+            vec![(DeviceId(3), 1), (DeviceId(4), 2)]
+        );
+        // A device repeated across the entries, or other key material: refused.
+        assert_eq!(
+            parse(&build(VERSION_SERVICE_ID, &[a(), b(), a()], 20)),
+            Err(ParseError::DuplicateDevice)
+        );
+        let other = Entry::To(0, uuid(0xA1), vec![(4, 2)], 0xAF);
+        assert_eq!(
+            parse(&build(VERSION_SERVICE_ID, &[a(), other], 20)),
+            Err(ParseError::DuplicateRecipient)
+        );
+        for entries in [vec![a(), x()], vec![x(), a()], vec![x(), x()]] {
             for v in [VERSION_UUID, VERSION_SERVICE_ID] {
                 assert_eq!(
                     parse(&build(v, &entries, 20)),
@@ -882,7 +928,7 @@ mod libsignal_vectors {
             assert_eq!(parse(&b64(&v["body"])), Err(want), "{}", v["name"]);
             refused += 1;
         }
-        assert_eq!(refused, 2);
+        assert_eq!(refused, 1);
     }
 
     #[test]
