@@ -140,12 +140,26 @@ pub async fn run(
             Err(e) => return (Err(e.context("create the run's PostgreSQL database")), None),
         },
     };
+    // Cluster nodes never make their own sealed-sender certificates: one
+    // set for all of them, as an operator would deploy it.
+    let certificates = match shared_certificates(&opts.bin) {
+        Ok(dir) => dir,
+        Err(e) => return (Err(e), None),
+    };
     let mut nodes: Vec<Courier> = Vec::new();
     // One at a time: the first migrates the empty database.
     for i in 1..=args.nodes {
         let mut env = vec![
             ("COURIER_REDIS_URL".to_owned(), args.redis_url.clone()),
             ("COURIER_CLUSTER_NAME".to_owned(), name.clone()),
+            (
+                "COURIER_CERTIFICATES_DIR".to_owned(),
+                certificates
+                    .path()
+                    .join("set")
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
         ];
         env.extend(opts.env.iter().cloned());
         let started = Courier::start(StartOptions {
@@ -655,4 +669,23 @@ pub async fn smoke(opts: &NodeOptions, quiet: bool) -> Report {
         }
     }
     report
+}
+
+/// A fresh certificate set made by `courier certificates generate`, in a temp
+/// dir that lives as long as the returned handle.
+fn shared_certificates(bin: &std::path::Path) -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix("courier-load-cluster-certificates-")
+        .tempdir()?;
+    let out = std::process::Command::new(bin)
+        .args(["certificates", "generate", "--out"])
+        .arg(dir.path().join("set"))
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "courier certificates generate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(dir)
 }
