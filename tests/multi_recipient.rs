@@ -230,6 +230,22 @@ async fn hostile_bodies_are_400(backend: Backend) {
     // The wrong content type.
     let (status, _) = put(&base, key, "application/octet-stream", good.clone()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A bad query and an oversize body get the error body too.
+    let res = http()
+        .put(format!(
+            "{base}/v1/messages/multi_recipient?ts=9223372036854775808"
+        ))
+        .header("Content-Type", MRM)
+        .header("Unidentified-Access-Key", b64(&key.unwrap()))
+        .body(good.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(res.json::<Value>().await.unwrap()["error"], "bad_request");
+    let (status, answer) = put(&base, key, MRM, vec![0x23; 8 * 1024 * 1024 + 1]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(answer["error"], "too_large");
     // Nothing was delivered, and the server still serves the good body.
     for device in [&a1, &a2, &b1] {
         assert!(mailbox(device).await.is_empty());

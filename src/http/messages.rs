@@ -10,7 +10,8 @@ use crate::service::messaging::{self, SendAs};
 use crate::service::multi_recipient;
 use crate::service::state::State;
 use crate::wire::{
-    MessageList, MultiRecipientQuery, MultiRecipientResponse, SendRequest, SendResponse,
+    MessageList, MultiRecipientBody, MultiRecipientQuery, MultiRecipientResponse, SendRequest,
+    SendResponse, MAX_SEND_BYTES,
 };
 
 /// Send a message
@@ -120,7 +121,7 @@ pub const MRM_CONTENT_TYPE: &str = "application/vnd.signal-messenger.mrm";
     tag = "messages",
     security(("unidentified" = [])),
     params(MultiRecipientQuery),
-    request_body(content = Vec<u8>, content_type = "application/vnd.signal-messenger.mrm",
+    request_body(content = MultiRecipientBody, content_type = "application/vnd.signal-messenger.mrm",
         description = "A Sealed Sender v2 SentMessage"),
     responses(
         (status = 200, description = "Every copy acknowledged or stored", body = MultiRecipientResponse),
@@ -140,7 +141,7 @@ pub async fn send_multi_recipient(
     state: State,
     req: HttpRequest,
     query: web::Query<MultiRecipientQuery>,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let content_type = req
         .headers()
@@ -162,6 +163,24 @@ pub async fn send_multi_recipient(
         state.limits.auth_failure(client).await?;
         return Err(ApiError::Unauthorized);
     };
+    let body = read_body(payload, MAX_SEND_BYTES).await?;
     let answer = multi_recipient::send(&state, key, client, query.ts, query.online, &body).await?;
     Ok(HttpResponse::Ok().json(answer))
+}
+
+/// A whole request body of at most `limit` bytes; beyond it `413`, and a
+/// broken stream `400`, both as the SPEC's error body.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    use futures_util::StreamExt as _;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge(format!(
+                "request body exceeds {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }

@@ -38,6 +38,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             web::PathConfig::default()
                 .error_handler(|e, _| ApiError::bad_request(format!("bad path: {e}")).into()),
         )
+        .app_data(
+            web::QueryConfig::default()
+                .error_handler(|e, _| ApiError::bad_request(format!("bad query: {e}")).into()),
+        )
         .service(resource("/healthz", [(M::GET, web::to(ops::healthz))]))
         .service(resource("/readyz", [(M::GET, web::to(ops::readyz))]))
         .service(resource("/metrics", [(M::GET, web::to(ops::metrics))]))
@@ -88,13 +92,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/v1/keys/{uuid}/{device_id}",
             [(M::GET, web::to(keys::get_bundle))],
         ))
-        .service(
-            resource(
-                "/v1/messages/multi_recipient",
-                [(M::PUT, web::to(messages::send_multi_recipient))],
-            )
-            .app_data(web::PayloadConfig::new(MESSAGES_JSON_LIMIT)),
-        )
+        .service(resource(
+            "/v1/messages/multi_recipient",
+            [(M::PUT, web::to(messages::send_multi_recipient))],
+        ))
         .service(
             resource(
                 "/v1/messages/{uuid}",

@@ -405,7 +405,7 @@ pub struct AccountAttributes {
     /// The account's unidentified-access key: 16 bytes, standard base64;
     /// `null` removes it.
     #[serde(default)]
-    #[schema(min_length = 24, max_length = 24)]
+    #[schema(pattern = "^[A-Za-z0-9+/]{21}[AQgw]==$")]
     pub unidentified_access_key: Option<String>,
     /// `true`: anyone may send sealed-sender messages to the account,
     /// whatever key they present.
@@ -435,3 +435,10 @@ pub struct MultiRecipientResponse {
     #[schema(value_type = Vec<String>)]
     pub uuids404: Vec<String>,
 }
+
+/// `PUT /v1/messages/multi_recipient` body, for the OpenAPI document only: a
+/// Sealed Sender v2 SentMessage as raw bytes.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct MultiRecipientBody(Vec<u8>);
