@@ -236,7 +236,7 @@ async fn hostile_bodies_are_400(backend: Backend) {
             "{base}/v1/messages/multi_recipient?ts=9223372036854775808"
         ))
         .header("Content-Type", MRM)
-        .header("Unidentified-Access-Key", b64(&key.unwrap()))
+        .header("Unidentified-Access-Key", b64(&xor(KEY_A, KEY_B)))
         .body(good.clone())
         .send()
         .await
