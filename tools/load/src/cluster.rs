@@ -89,6 +89,7 @@ impl ClusterArgs {
                 p99_ms: 10.0,
                 grace_secs: 10.0,
                 min_delivered: 0.0,
+                in_flight: None,
             },
             nodes: 2,
             redis_url,

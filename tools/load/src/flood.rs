@@ -110,6 +110,7 @@ pub async fn run(server: &Courier, args: &FloodArgs, quiet: bool) -> anyhow::Res
         size: 256,
         grace: Duration::from_secs(10),
         quiet,
+        window: None,
     };
 
     let baseline = run_step(&target, &pairs, &cfg).await;

@@ -328,7 +328,7 @@ async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report
             let mut report = Report::new("relay");
             if *with_ceiling {
                 let args = RelayArgs {
-                    sweep: true,
+                    sweep: args.in_flight.is_none(),
                     ..args.clone()
                 };
                 let courier_run = relay::run(&target, &args, quiet, &mut report).await?;
@@ -345,6 +345,39 @@ async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report
                 );
                 report.fig("ratio_to_ceiling", ratio.map(stats::round3));
                 relay::compare_cpu(&courier_run, &ceiling_run, &mut report);
+                drop(ceiling);
+                if let (Some(_), Some(best)) = (args.in_flight, courier_run.best) {
+                    // Latency where a server has headroom: open loop at half
+                    // the closed-loop rate.
+                    let half = RelayArgs {
+                        in_flight: None,
+                        rate: (best / 2.0).round().max(1.0),
+                        ..args.clone()
+                    };
+                    let mut half_report = Report::new("relay at half the closed-loop rate");
+                    let r = relay::run(&target, &half, quiet, &mut half_report).await?;
+                    if let Some(b) = r.best_step {
+                        report.row(
+                            "courier at half its rate",
+                            format!(
+                                "{:.0} msg/s offered: delivery p50 {:.2} / p99 {:.2} ms (target p99 < 2 ms)",
+                                half.rate, b.p50_ms, b.p99_ms
+                            ),
+                        );
+                        report.fig(
+                            "half_rate",
+                            serde_json::json!({
+                                "rate": half.rate,
+                                "p50_ms": b.p50_ms,
+                                "p99_ms": b.p99_ms,
+                                "cpu_us_per_msg": b.cpu_us_per_msg,
+                            }),
+                        );
+                    }
+                    for f in &half_report.failures {
+                        report.fail(f.clone());
+                    }
+                }
             } else {
                 relay::run(&target, args, quiet, &mut report).await?;
             }

@@ -91,6 +91,12 @@ pub struct RelayArgs {
     /// late is answered `queued` yet still arrives live.
     #[arg(skip)]
     pub min_delivered: f64,
+    /// Closed loop instead of a fixed rate: each sender keeps this many
+    /// sends unanswered (as fast as the answers come), for --duration
+    /// seconds; --max-rate only caps it. With --with-ceiling: both servers
+    /// so, then courier open loop at half its closed-loop rate (latency).
+    #[arg(long)]
+    pub in_flight: Option<u64>,
 }
 
 /// What the relay clients talk to.
@@ -243,6 +249,7 @@ async fn sweep_step(
         size: args.size,
         grace: Duration::from_secs_f64(args.grace_secs),
         quiet: true,
+        window: None,
     };
     // A shortfall is confirmed by running the step again (`--confirm`
     // times): on a shared machine one stall elsewhere should not decide the
@@ -426,12 +433,18 @@ pub async fn run(
     validate(args, report)?;
     let pairs = make_pairs(target, args.pairs, quiet).await?;
     if !args.sweep {
+        // Closed loop: the plan runs at --max-rate, the window binds.
         let cfg = StepConfig {
-            rate: args.rate,
+            rate: if args.in_flight.is_some() {
+                args.max_rate
+            } else {
+                args.rate
+            },
             duration: Duration::from_secs_f64(args.duration),
             size: args.size,
             grace: Duration::from_secs_f64(args.grace_secs),
             quiet,
+            window: args.in_flight,
         };
         let r = run_step(target, &pairs, &cfg).await;
         r.rows(report);
@@ -448,16 +461,22 @@ pub async fn run(
                 target.name, r.unanswered, args.grace_secs
             ));
         }
-        if r.sent < r.planned {
+        if r.sent < r.planned && r.window.is_none() {
             report.warn(format!(
                 "{}: only {} of {} planned messages were sent before the deadline",
                 target.name, r.sent, r.planned
             ));
         }
         let cpu = r.server_cpu.and_then(|c| c.us_per_msg());
+        let closed_rate = r
+            .window
+            .map(|_| r.answered_ok() as f64 / r.duration.as_secs_f64());
         return Ok(Outcome {
-            best: None,
-            cpu_by_rate: cpu.map(|us| (args.rate, us)).into_iter().collect(),
+            best: closed_rate,
+            cpu_by_rate: cpu
+                .map(|us| (closed_rate.unwrap_or(args.rate), us))
+                .into_iter()
+                .collect(),
             best_step: Some(Brief::of(&r)),
             answered_ok: r.answered_ok(),
         });

@@ -35,9 +35,22 @@ pub async fn run(server: &Courier, vectors: std::path::PathBuf, quiet: bool) -> 
         p99_ms: 10.0,
         grace_secs: 10.0,
         min_delivered: 0.0,
+        in_flight: None,
     };
     let mut r = Report::new("relay");
     if let Err(e) = relay::run(&target, &relay_args, quiet, &mut r).await {
+        r.fail(format!("could not run: {e:#}"));
+    }
+    reports.push(r);
+    // Closed loop (pipelined sends per connection, as fast as answered).
+    let closed_args = RelayArgs {
+        in_flight: Some(16),
+        duration: 1.0,
+        max_rate: 200_000.0,
+        ..relay_args.clone()
+    };
+    let mut r = Report::new("relay closed loop");
+    if let Err(e) = relay::run(&target, &closed_args, quiet, &mut r).await {
         r.fail(format!("could not run: {e:#}"));
     }
     reports.push(r);

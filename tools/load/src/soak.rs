@@ -57,6 +57,7 @@ pub async fn run(server: &Courier, args: &SoakArgs, quiet: bool) -> anyhow::Resu
         size: args.size,
         grace: Duration::from_secs(5),
         quiet: true,
+        window: None,
     };
     let started = Instant::now();
     let mut samples: Vec<u64> = Vec::new();

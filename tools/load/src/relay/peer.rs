@@ -100,6 +100,9 @@ pub(super) async fn send(
     let sent_at: Vec<AtomicU64> = (0..count).map(|_| AtomicU64::new(u64::MAX)).collect();
     let sent = AtomicU64::new(0);
     let writer_done = Notify::new();
+    // Closed loop: answers so far, and a wakeup for the writer at each.
+    let answered_count = AtomicU64::new(0);
+    let answer_arrived = Notify::new();
 
     let writer = async {
         let mut lag = Latency::new();
@@ -111,6 +114,16 @@ pub(super) async fn send(
             if due >= ctx.deadline {
                 break;
             }
+            if let Some(window) = ctx.window {
+                if Instant::now() >= ctx.send_until {
+                    break;
+                }
+                if k - answered_count.load(Ordering::Acquire) >= window {
+                    let wait = answer_arrived.notified();
+                    let _ = tokio::time::timeout_at(ctx.send_until.into(), wait).await;
+                    continue;
+                }
+            }
             let now = Instant::now();
             if due > now {
                 tokio::time::sleep_until(due.into()).await;
@@ -118,7 +131,10 @@ pub(super) async fn send(
             }
             let now_ns = ctx.now_ns();
             let mut batch = 0u64;
-            while k < count && ctx.start + plan.due(k) <= now && batch < 256 {
+            let room = ctx.window.map_or(u64::MAX, |w| {
+                w.saturating_sub(k - answered_count.load(Ordering::Acquire))
+            });
+            while k < count && ctx.start + plan.due(k) <= now && batch < 256.min(room) {
                 let stamp = Stamp {
                     run: ctx.run,
                     stream: index,
@@ -199,6 +215,8 @@ pub(super) async fn send(
                 Some(id) if id < count && answers[id as usize].is_none() => {
                     answers[id as usize] = Some(frame.answer());
                     answered += 1;
+                    answered_count.store(answered, Ordering::Release);
+                    answer_arrived.notify_one();
                     ctx.progress.add(ANSWERED, 1);
                     let at = sent_at[id as usize].load(Ordering::Relaxed);
                     latency.record_us(now_ns.saturating_sub(at) / 1000);

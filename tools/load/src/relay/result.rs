@@ -46,6 +46,8 @@ pub struct StepResult {
     /// sender had its answers, over the sends answered 200 (`None`: its
     /// pid is not known, e.g. `--server` without `--server-pid`).
     pub server_cpu: Option<CpuUse>,
+    /// Closed loop: unanswered sends each sender kept at most.
+    pub window: Option<u64>,
 }
 
 impl StepResult {
@@ -145,6 +147,8 @@ impl StepResult {
             "target": self.target,
             "pairs": self.pairs,
             "offered_rate": self.rate,
+            "in_flight_per_sender": self.window,
+            "answered_ok_rate": round1(per_sec(self.answered_ok(), self.duration)),
             "duration_s": self.duration.as_secs_f64(),
             "planned": self.planned,
             "sent": self.sent,
@@ -183,7 +187,16 @@ impl StepResult {
             "pairs / size",
             format!("{} pairs, {} s", self.pairs, self.duration.as_secs_f64()),
         );
-        report.row("offered rate", format!("{:.0} msg/s", self.rate));
+        match self.window {
+            Some(w) => report.row(
+                "closed loop",
+                format!(
+                    "{w} unanswered sends per sender at most; {:.0} answered 200 per second",
+                    per_sec(self.answered_ok(), self.duration)
+                ),
+            ),
+            None => report.row("offered rate", format!("{:.0} msg/s", self.rate)),
+        }
         report.row(
             "sent",
             format!(

@@ -29,6 +29,9 @@ pub struct StepConfig {
     pub size: usize,
     pub grace: Duration,
     pub quiet: bool,
+    /// Closed loop: each sender keeps at most this many sends unanswered
+    /// (`rate` then only caps it), and stops sending after `duration`.
+    pub window: Option<u64>,
 }
 
 /// When each message of one sender is due.
@@ -81,6 +84,10 @@ pub(super) struct StepCtx {
     pub(super) payload: PayloadMaker,
     /// Counters `SENT`, `ANSWERED`, `DELIVERED`.
     pub(super) progress: Arc<Progress>,
+    /// Closed loop: unanswered sends each sender keeps at most.
+    pub(super) window: Option<u64>,
+    /// Closed loop: senders write nothing new from this instant.
+    pub(super) send_until: Instant,
 }
 
 pub(super) const SENT: usize = 0;
@@ -154,6 +161,8 @@ pub async fn run_step(target: &Target, pairs: &[Pair], cfg: &StepConfig) -> Step
         hard_deadline: start + cfg.duration + cfg.grace + Duration::from_secs(5),
         payload: PayloadMaker::new(cfg.size),
         progress: progress.clone(),
+        window: cfg.window,
+        send_until: start + cfg.duration,
     });
     let _line = progress.report_every_second(cfg.quiet);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -164,6 +173,7 @@ pub async fn run_step(target: &Target, pairs: &[Pair], cfg: &StepConfig) -> Step
     for (i, rw, sw) in connected {
         let plan = Plan::new(i, n, cfg.rate, cfg.duration);
         result.planned += plan.count;
+        result.window = cfg.window;
         let receiver = receive(rw, i as u32, plan.count, ctx.clone(), stop_rx.clone());
         let sender = send(sw, i as u32, pairs[i].receiver.clone(), plan, ctx.clone());
         tasks.push((i, tokio::spawn(sender), tokio::spawn(receiver)));
