@@ -21,7 +21,7 @@ use crate::actors::push::Pusher;
 use crate::actors::questions::Questions;
 use crate::actors::relay::Relay;
 use crate::actors::rendezvous::{DrainChannels, RendezvousHub};
-use crate::actors::router::{Drain, Join, Router};
+use crate::actors::router::{Drain, Join, Live, Router};
 use crate::cluster::redis::RedisBus;
 use crate::cluster::Bus;
 use crate::config::Config;
@@ -158,7 +158,14 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
             "push_allow_insecure is ON: pushes may go to http:// and private addresses; tests only"
         );
     }
-    let router = Router::new(writer.clone(), metrics.clone(), pusher.clone()).start();
+    let live = Live::default();
+    let router = Router::new(
+        writer.clone(),
+        metrics.clone(),
+        pusher.clone(),
+        live.clone(),
+    )
+    .start();
     let rendezvous = RendezvousHub::new(metrics.clone()).start();
     let mut limits = Limiters::new(config.rate_limits, &config.limits, metrics.clone());
     let (cluster, bus_events) = match &config.redis_url {
@@ -202,6 +209,7 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
         config: config.clone(),
         pool,
         router,
+        live,
         rendezvous,
         keys,
         writer,

@@ -151,15 +151,20 @@ pub fn validate_send(body: RawSend) -> Result<ValidSend, SendRefusal> {
     if body.copies.len() > MAX_COPIES {
         return Err(Malformed("too many copies in one send".into()));
     }
-    let mut seen = BTreeSet::new();
-    let mut copies = Vec::with_capacity(body.copies.len());
+    // Most sends have a few copies: a set is built only for many.
+    let mut seen = (body.copies.len() > 16).then(BTreeSet::new);
+    let mut copies: Vec<DeviceCopy> = Vec::with_capacity(body.copies.len());
     for (i, m) in body.copies.into_iter().enumerate() {
         if m.device_id == 0 {
             return Err(Malformed(format!(
                 "messages[{i}].destinationDeviceId must be positive"
             )));
         }
-        if !seen.insert(m.device_id) {
+        let repeated = match seen.as_mut() {
+            Some(seen) => !seen.insert(m.device_id),
+            None => copies.iter().any(|c| c.device.0 == m.device_id),
+        };
+        if repeated {
             return Err(Malformed(format!(
                 "messages[{i}]: more than one copy for device {}",
                 m.device_id

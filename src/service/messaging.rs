@@ -17,7 +17,8 @@ use uuid::Uuid;
 
 use crate::actors::mailbox::quota::{Reserve, Reserved};
 use crate::actors::mailbox::spill_status;
-use crate::actors::router::{AckAt, Route, Via};
+use crate::actors::push::Wake;
+use crate::actors::router::{AckAt, Deliver, Route, Via};
 use crate::domain::access::{self, AccessKey};
 use crate::domain::address::{AccountId, Address};
 use crate::domain::device_set::{self, DeviceSetError};
@@ -245,10 +246,15 @@ async fn reserve(state: &State, dests: &[Address]) -> Result<Vec<Reserved>, ApiE
     Err(ApiError::Unavailable)
 }
 
-/// Hands every copy to the router now (before returning) and gives back the
-/// future of the answer: it resolves once each copy is acknowledged live or
+/// Hands every copy on, and once each is queued where it goes (so a later
+/// send of the same connection cannot overtake it), gives back the future
+/// of the answer: it resolves once each copy is acknowledged live or
 /// committed to its mailbox (or, if ephemeral, pushed or dropped).
-pub fn route(
+///
+/// A copy for a device connected here goes straight to its session
+/// ([`crate::actors::router::Live`]); one for a device that is not is
+/// stored (alone) or handed to the router, which finds its node (cluster).
+pub async fn route(
     state: &State,
     prepared: Prepared,
 ) -> impl Future<Output = Result<SendResponse, ApiError>> + use<> {
@@ -262,6 +268,7 @@ pub fn route(
     } = prepared;
     let mut slots = slots.into_iter();
     let mut waits = Vec::with_capacity(copies.len());
+    let mut to_router = Vec::new();
     for (dest, copy) in copies {
         let envelope = Arc::new(Envelope {
             guid: new_guid(),
@@ -273,14 +280,33 @@ pub fn route(
         });
         let (reply, outcome) = oneshot::channel();
         let to = Address::new(dest, copy.device);
-        state.router.do_send(Route {
-            dest: to,
+        let deliver = Deliver {
             envelope: envelope.clone(),
             ephemeral,
             reply,
-            via: Via::Accepted,
-        });
+        };
+        state
+            .live
+            .deliver_or(to, deliver, |absent| match &state.cluster {
+                // The router asks the cluster where the device is; the
+                // send waits until the router has taken the copy, so that
+                // a copy of this connection's next send, which may find
+                // the device connected here by then, cannot overtake it.
+                Some(_) => to_router.push(state.router.send(Route {
+                    dest: to,
+                    envelope: absent.envelope,
+                    ephemeral,
+                    reply: absent.reply,
+                    via: Via::Accepted,
+                })),
+                None => store_absent(state, to, absent),
+            });
         waits.push((to, envelope, outcome, slots.next()));
+    }
+    for queued in to_router {
+        // An error means the router is gone (shutdown): the copy's reply
+        // is dropped with it, and the wait below stores the copy.
+        let _ = queued.await;
     }
     if !ephemeral {
         state.metrics.messages_accepted.inc_by(waits.len() as u64);
@@ -304,7 +330,7 @@ pub fn route(
             match status {
                 Ok(status) => results.push(SendResult {
                     device_id: to.device.0,
-                    guid: envelope.guid.hyphenated().to_string(),
+                    guid: envelope.guid,
                     status,
                 }),
                 Err(_) => failed = true,
@@ -317,6 +343,25 @@ pub fn route(
     }
 }
 
+/// A copy for a device connected nowhere (a node alone): stored, and
+/// once committed its device may be woken by a push; an ephemeral copy is
+/// dropped. Runs under [`crate::actors::router::Live`]'s lock, so the copy
+/// is queued to the writer before the device's next session reads its
+/// mailbox.
+fn store_absent(state: &State, to: Address, copy: Deliver) {
+    if copy.ephemeral {
+        state.metrics.messages_dropped.inc();
+        let _ = copy.reply.send(Ok(DeliveryStatus::Dropped));
+        return;
+    }
+    let pusher = state.pusher.clone();
+    state
+        .writer
+        .spill_answering_then(to, copy.envelope, copy.reply, move || {
+            pusher.do_send(Wake { device: to })
+        });
+}
+
 /// `prepare` then `route`, for the HTTP path. The wait runs as a task of its
 /// own, so a client that hangs up does not cancel the accounting of copies
 /// already routed.
@@ -327,7 +372,8 @@ pub async fn send(
     body: SendRequest,
 ) -> Result<SendResponse, ApiError> {
     let prepared = prepare(state, from, destination, body).await?;
-    actix_web::rt::spawn(route(state, prepared))
+    let state = state.clone();
+    actix_web::rt::spawn(async move { route(&state, prepared).await.await })
         .await
         .unwrap_or(Err(ApiError::Internal))
 }

@@ -10,7 +10,7 @@ use crate::actors::keys::KeysActor;
 use crate::actors::mailbox::MailboxWriter;
 use crate::actors::push::Pusher;
 use crate::actors::rendezvous::RendezvousHub;
-use crate::actors::router::Router;
+use crate::actors::router::{Live, Router};
 use crate::config::Config;
 use crate::domain::at_rest::StorageKeys;
 use crate::limits::Limiters;
@@ -25,6 +25,9 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub pool: Pool,
     pub router: Addr<Router>,
+    /// The sessions of the devices connected here, for the send path (the
+    /// router keeps it).
+    pub live: Live,
     /// The rendezvous channels.
     pub rendezvous: Addr<RendezvousHub>,
     pub keys: KeysActor,

@@ -230,14 +230,25 @@ pub enum DeliveryStatus {
     Dropped,
 }
 
+impl DeliveryStatus {
+    /// The serde name (for frames written by hand).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Queued => "queued",
+            DeliveryStatus::Dropped => "dropped",
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SendResult {
     #[schema(value_type = i64, minimum = 1, maximum = 4294967295_u32)]
     pub device_id: u32,
     /// The copy's id, which its device acknowledges.
-    #[schema(format = Uuid)]
-    pub guid: String,
+    #[schema(value_type = String, format = Uuid)]
+    pub guid: uuid::Uuid,
     pub status: DeliveryStatus,
 }
 

@@ -100,6 +100,33 @@ mod tests {
     }
 
     #[test]
+    fn send_response_frame_is_the_serde_form() {
+        for id in [
+            serde_json::Number::from(7u64),
+            serde_json::Number::from(-1i64),
+        ] {
+            for results in [0usize, 1, 3] {
+                let r = SendResponse {
+                    results: (0..results)
+                        .map(|i| SendResult {
+                            device_id: i as u32 + 1,
+                            guid: crate::domain::envelope::new_guid(),
+                            status: [
+                                DeliveryStatus::Delivered,
+                                DeliveryStatus::Queued,
+                                DeliveryStatus::Dropped,
+                            ][i % 3],
+                        })
+                        .collect(),
+                };
+                let direct: Value = serde_json::from_str(&send_response_frame(&id, &r)).unwrap();
+                let serde: Value = serde_json::from_str(&response_frame(&id, 200, &r)).unwrap();
+                assert_eq!(direct, serde);
+            }
+        }
+    }
+
+    #[test]
     fn classifies_frames() {
         let send = r#"{"op":"send","id":7,"destination":"x","timestamp":1,"messages":[]}"#;
         assert!(matches!(parse_client_frame(send), ClientFrame::Send { .. }));
@@ -126,6 +153,43 @@ mod tests {
             assert!(
                 matches!(parse_client_frame(unusable), ClientFrame::Unusable(_)),
                 "{unusable:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_pass_reads_every_frame_as_two_passes_do() {
+        let frames = [
+            r#"{"op":"send","id":7,"destination":"x","timestamp":1,"messages":[]}"#,
+            r#"{"op":"send","id":7,"destination":"a\u0062c","timestamp":1,"online":true,"messages":[{"destinationDeviceId":1,"destinationRegistrationId":2,"type":1,"content":"aGk="}]}"#,
+            r#"{"op":"send","id":7,"destination":"x","timestamp":1,"messages":[],"unidentifiedAccessKey":"AAAA"}"#,
+            r#"{"op":"send","id":7,"destination":"x","timestamp":1,"messages":[],"guid":5}"#,
+            r#"{"op":"send","id":7,"destination":"x","timestamp":1,"messages":[],"extra":{"a":[1]}}"#,
+            r#"{"op":"send","id":7,"destination":null,"timestamp":1,"messages":[]}"#,
+            r#"{"op":"send","id":7,"destination":"x","timestamp":"1","messages":[]}"#,
+            r#"{"op":"send","id":7,"destination":"x","timestamp":1}"#,
+            r#"{"op":"send","id":7,"destination":"x","timestamp":1,"messages":[],"online":null}"#,
+            r#"{"op":"send","id":1.5,"destination":"x","timestamp":1,"messages":[]}"#,
+            r#"{"op":"send","id":-3,"destination":"x","timestamp":1,"messages":[]}"#,
+            r#"{"op":"send","destination":"x","timestamp":1,"messages":[]}"#,
+            r#"{"op":"send","id":7,"id":8,"destination":"x","timestamp":1,"messages":[]}"#,
+            r#"{"op":"ack","guid":"01a20be5-4993-7263-9937-da3d464f9b8c"}"#,
+            r#"{"op":"ack","guid":"01a20be5-4993-7263-9937-da3d464f9b8\u0063"}"#,
+            r#"{"op":"ack","guid":"01a20be5-4993-7263-9937-da3d464f9b8c","messages":5}"#,
+            r#"{"op":"ack","guid":7}"#,
+            r#"{"op":"ack"}"#,
+            r#"{"op":"a\u0063k","guid":"01a20be5-4993-7263-9937-da3d464f9b8c"}"#,
+            r#"{"op":"dance","id":1}"#,
+            r#"{"op":5}"#,
+            r#"{}"#,
+            "[]",
+            "",
+        ];
+        for frame in frames {
+            assert_eq!(
+                format!("{:?}", parse_client_frame(frame)),
+                format!("{:?}", parse_client_frame_in_two(frame)),
+                "{frame}"
             );
         }
     }

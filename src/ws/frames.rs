@@ -201,7 +201,7 @@ pub(super) fn spawn_send(
         }
         let result = match prepared {
             Ok(prepared) => {
-                let outcome = messaging::route(&state, prepared);
+                let outcome = messaging::route(&state, prepared).await;
                 let _ = routed_tx.send(());
                 outcome.await
             }
@@ -239,7 +239,7 @@ pub(super) fn response_frame(
     result: Result<wire::SendResponse, ApiError>,
 ) -> String {
     match result {
-        Ok(r) => wire::response_frame(id, 200, &r),
+        Ok(r) => wire::send_response_frame(id, &r),
         Err(e) => wire::response_frame(id, e.status().as_u16(), &e.body()),
     }
 }

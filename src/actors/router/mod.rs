@@ -9,6 +9,7 @@
 //! the database, and knows sessions only as the `Recipient`s of the
 //! messages it sends them ([`messages`]).
 
+pub mod live;
 pub mod messages;
 
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use actix::{
 };
 use tokio::sync::oneshot;
 
+pub use live::Live;
 pub use messages::*;
 
 use super::mailbox::{MailboxWriter, StorageFailed};
@@ -73,10 +75,13 @@ pub struct Router {
     cluster: Option<Membership>,
     /// Told of each copy stored for a device connected nowhere.
     pusher: Addr<Pusher>,
+    /// `sessions` as the send path sees it: every change to `sessions` is
+    /// made here first (see [`Live`] for why the order matters).
+    live: Live,
 }
 
 impl Router {
-    pub fn new(writer: MailboxWriter, metrics: Metrics, pusher: Addr<Pusher>) -> Self {
+    pub fn new(writer: MailboxWriter, metrics: Metrics, pusher: Addr<Pusher>, live: Live) -> Self {
         Router {
             sessions: HashMap::new(),
             writer,
@@ -84,10 +89,19 @@ impl Router {
             draining: false,
             cluster: None,
             pusher,
+            live,
         }
     }
 
+    /// Unregisters `address`'s session. Whatever is sent to it afterwards
+    /// (a `Close`) reaches it after every copy a sender queued to it.
     fn remove(&mut self, address: &Address) -> Option<Entry> {
+        self.live.write().remove(address);
+        self.unregister(address)
+    }
+
+    /// [`Self::remove`] but for [`Live`], which the caller has updated.
+    fn unregister(&mut self, address: &Address) -> Option<Entry> {
         let entry = self.sessions.remove(address);
         if let Some(e) = &entry {
             self.metrics.connected_devices.dec();
@@ -138,10 +152,15 @@ impl Handler<Connect> for Router {
         if self.draining {
             return None;
         }
-        // Everything this router spilled for the device before now must be
-        // committed before the new session reads the mailbox.
+        // The new session takes the device over for the send path first;
+        // then everything spilled for the device before now (by this
+        // router, or by a sender that found it absent) must be committed
+        // before the new session reads the mailbox.
+        self.live
+            .write()
+            .insert(msg.address, msg.session.deliver.clone());
         let barrier = self.writer.barrier();
-        let previous = self.remove(&msg.address);
+        let previous = self.unregister(&msg.address);
         self.sessions.insert(
             msg.address,
             Entry {
@@ -275,6 +294,7 @@ impl Handler<EvictLocal> for Router {
         if self.sessions.get(&msg.address).map(|e| e.id) != Some(msg.conn) {
             return None;
         }
+        self.live.write().remove(&msg.address);
         let mut entry = self.sessions.remove(&msg.address)?;
         self.metrics.connected_devices.dec();
         log::info!(
