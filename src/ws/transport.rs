@@ -60,7 +60,22 @@ struct OutboxState {
     /// The dispatcher still holds the body (and so the socket).
     body_alive: bool,
     codec: Codec,
-    scratch: BytesMut,
+}
+
+/// The longest header of a frame the server sends (unmasked, 64-bit length).
+const MAX_HEADER_BYTES: usize = 10;
+
+/// The payload bytes of `message` as a frame.
+fn payload_len(message: &Message) -> usize {
+    match message {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+        // Code (2) and reason.
+        Message::Close(reason) => reason
+            .as_ref()
+            .map_or(0, |r| 2 + r.description.as_ref().map_or(0, String::len)),
+        Message::Continuation(_) | Message::Nop => 0,
+    }
 }
 
 /// The session's side of the outgoing byte stream.
@@ -80,7 +95,6 @@ impl Outbox {
             finished: false,
             body_alive: true,
             codec: Codec::new(),
-            scratch: BytesMut::new(),
         }));
         (Outbox(state.clone()), OutboxBody(state))
     }
@@ -91,10 +105,14 @@ impl Outbox {
             return;
         }
         let s = &mut *s;
-        if s.codec.encode(message, &mut s.scratch).is_err() {
+        // Each frame in a buffer of its own size: a shared scratch buffer
+        // whose earlier frames are still queued cannot be reused, and
+        // growing it allocated ever larger blocks (a visible cost in malloc).
+        let mut frame = BytesMut::with_capacity(payload_len(&message) + MAX_HEADER_BYTES);
+        if s.codec.encode(message, &mut frame).is_err() {
             return;
         }
-        let frame = s.scratch.split().freeze();
+        let frame = frame.freeze();
         if s.frames.is_empty() {
             s.progress = Instant::now();
         }

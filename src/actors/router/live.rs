@@ -52,14 +52,6 @@ impl Live {
         }
     }
 
-    /// Whether `dest` has a session here.
-    pub fn contains(&self, dest: &Address) -> bool {
-        self.0
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(dest)
-    }
-
     /// The router's side: held while it changes who is connected and sends
     /// the messages that go with the change.
     pub(super) fn write(&self) -> RwLockWriteGuard<'_, HashMap<Address, Recipient<Deliver>>> {

@@ -344,7 +344,12 @@ async fn run_scenario(cli: &Cli, courier: &Courier) -> anyhow::Result<Vec<Report
                     ratio.map_or("n/a".to_owned(), |r| format!("{:.1} %", r * 100.0)),
                 );
                 report.fig("ratio_to_ceiling", ratio.map(stats::round3));
-                relay::compare_cpu(&courier_run, &ceiling_run, &mut report);
+                relay::compare_cpu(
+                    &courier_run,
+                    &ceiling_run,
+                    args.in_flight.is_some(),
+                    &mut report,
+                );
                 drop(ceiling);
                 if let (Some(_), Some(best)) = (args.in_flight, courier_run.best) {
                     // Latency where a server has headroom: open loop at half

@@ -199,12 +199,16 @@ impl StepResult {
         }
         report.row(
             "sent",
-            format!(
-                "{} of {} ({:.0} msg/s)",
-                self.sent,
-                self.planned,
-                self.sent_rate()
-            ),
+            match self.window {
+                // Closed loop, the plan is only a cap.
+                Some(_) => format!("{} ({:.0} msg/s)", self.sent, self.sent_rate()),
+                None => format!(
+                    "{} of {} ({:.0} msg/s)",
+                    self.sent,
+                    self.planned,
+                    self.sent_rate()
+                ),
+            },
         );
         report.row(
             "delivered",
@@ -232,7 +236,10 @@ impl StepResult {
         );
         report.row("answer latency", self.answer_latency.summary());
         report.row("delivery latency", self.delivery_latency.summary());
-        report.row("send lag", self.lag.summary());
+        // Closed loop, a send waits for room in the window, not a schedule.
+        if self.window.is_none() {
+            report.row("send lag", self.lag.summary());
+        }
         report.row(
             "server CPU",
             self.server_cpu
