@@ -470,6 +470,97 @@ async fn recipient_connecting_midway_gets_mailbox_then_live_in_order(backend: Ba
     mailbox_empties(&b).await;
 }
 
+/// Sends go straight from the sender's thread to the recipient's session
+/// (`router::Live`); a replacement midway must still hand every copy to one
+/// connection or the other, and the new connection must see the rest in
+/// send order (the old one's unacknowledged copies from the mailbox first).
+async fn a_device_replaced_midway_gets_every_copy_in_order(backend: Backend) {
+    const N: usize = 1_000;
+    /// Copies the first connection reads before the second one opens.
+    const REPLACE_AFTER: usize = 200;
+    let server = TestServer::start(backend).await; // ack timeout 300 ms
+    let a = TestDevice::register(&server).await;
+    let b = TestDevice::register(&server).await;
+    let mut first = connect_empty(&b).await;
+    let tx = connect_empty(&a).await;
+    let (mut sink, mut stream) = tx.stream.split();
+    let (dest, target) = (b.uuid.clone(), b.target());
+    let writer = tokio::spawn(async move {
+        pipeline(&mut sink, &dest, target, 0..N).await;
+        sink
+    });
+
+    // The first connection reads and acks a prefix, in order.
+    let mut on_first = Vec::new();
+    while on_first.len() < REPLACE_AFTER {
+        let v = first.next_json().await;
+        assert_eq!(v["op"], "message", "{v}");
+        first
+            .ack(v["envelope"]["guid"].as_str().expect("guid"))
+            .await;
+        on_first.push(seq_of(&v["envelope"]));
+    }
+    assert_eq!(on_first, (0..REPLACE_AFTER).collect::<Vec<_>>());
+    // Replaced while the burst is in flight.
+    let mut second = b.connect().await;
+    let recipient = tokio::spawn(async move {
+        let mut order = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut queue_empty = false;
+        while seen.len() < N - REPLACE_AFTER || !queue_empty {
+            let v = second.next_json().await;
+            if v["op"] == "queue-empty" {
+                queue_empty = true;
+                continue;
+            }
+            assert_eq!(v["op"], "message", "{v}");
+            second
+                .ack(v["envelope"]["guid"].as_str().expect("guid"))
+                .await;
+            let seq = seq_of(&v["envelope"]);
+            if seq >= REPLACE_AFTER {
+                seen.insert(seq);
+            }
+            order.push(seq);
+        }
+        (order, second)
+    });
+    let answers = within("1,000 responses", responses(&mut stream, N)).await;
+    let _sink = writer.await.expect("writer");
+    for (id, v) in &answers {
+        assert_eq!(v["status"], 200, "send {id}: {v}");
+    }
+    // The first connection was told it was replaced; what it still got
+    // after the prefix it did not ack, and the second one has it too.
+    let mut closed = false;
+    while let Some(frame) = first.next_within(Duration::from_secs(2)).await {
+        if let Frame::Closed(code) = frame {
+            assert_eq!(code, Some(4409));
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the replaced connection was not closed with 4409");
+
+    let (order, _second) = within("second connection", recipient)
+        .await
+        .expect("recipient");
+    // Copies the first connection acknowledged may come again (an ack
+    // racing the replacement); past them, first occurrences in send order.
+    let mut seen = BTreeSet::new();
+    let firsts: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|s| *s >= REPLACE_AFTER && seen.insert(*s))
+        .collect();
+    assert_eq!(
+        firsts,
+        (REPLACE_AFTER..N).collect::<Vec<_>>(),
+        "lost or out of order"
+    );
+    mailbox_empties(&b).await;
+}
+
 // ---- frames ----
 
 async fn non_json_frame_gets_error_and_connection_stays_open(backend: Backend) {
@@ -771,6 +862,7 @@ backends!(
     newer_connection_closes_older_with_4409_and_keeps_unacked_copy,
     thousand_pipelined_sends_arrive_in_order,
     recipient_connecting_midway_gets_mailbox_then_live_in_order,
+    a_device_replaced_midway_gets_every_copy_in_order,
     non_json_frame_gets_error_and_connection_stays_open,
     invalid_send_body_gets_400_response_with_its_id,
     unknown_op_and_binary_frames_get_error_frames,
