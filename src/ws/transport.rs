@@ -20,10 +20,9 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use actix_codec::{Decoder, Encoder};
-use actix_http::ws::{CloseReason, Codec, Frame, Message, ProtocolError};
+use actix_http::ws::{CloseReason, Codec, Frame, Message, OpCode, Parser, ProtocolError};
 use actix_web::error::PayloadError;
 use actix_web::web::{Bytes, BytesMut};
-use bytestring::ByteString;
 use futures_util::Stream;
 
 /// The descriptor of a connection's socket, noted when the connection is
@@ -78,6 +77,20 @@ fn payload_len(message: &Message) -> usize {
     }
 }
 
+impl OutboxState {
+    /// Queues one encoded frame and wakes the body.
+    fn push(&mut self, frame: Bytes) {
+        if self.frames.is_empty() {
+            self.progress = Instant::now();
+        }
+        self.unsent += frame.len();
+        self.frames.push_back(frame);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
 /// The session's side of the outgoing byte stream.
 #[derive(Clone)]
 pub struct Outbox(Rc<RefCell<OutboxState>>);
@@ -112,19 +125,22 @@ impl Outbox {
         if s.codec.encode(message, &mut frame).is_err() {
             return;
         }
-        let frame = frame.freeze();
-        if s.frames.is_empty() {
-            s.progress = Instant::now();
-        }
-        s.unsent += frame.len();
-        s.frames.push_back(frame);
-        if let Some(w) = s.waker.take() {
-            w.wake();
-        }
+        s.push(frame.freeze());
     }
 
+    /// Queues a text frame. Written here with actix-http's own frame writer
+    /// rather than as a `Message::Text` through the codec: turning the
+    /// `String` into a `ByteString` allocated a shared header for every
+    /// frame (its capacity is rarely its length).
     pub fn text(&self, text: String) {
-        self.queue(Message::Text(ByteString::from(text)));
+        let mut s = self.0.borrow_mut();
+        if s.finished {
+            return;
+        }
+        let mut frame = BytesMut::with_capacity(text.len() + MAX_HEADER_BYTES);
+        // A server's frames are not masked (RFC 6455 §5.1).
+        Parser::write_message(&mut frame, text.as_bytes(), OpCode::Text, true, false);
+        s.push(frame.freeze());
     }
 
     pub fn binary(&self, bytes: Bytes) {
