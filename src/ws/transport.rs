@@ -61,22 +61,6 @@ struct OutboxState {
     codec: Codec,
 }
 
-/// The longest header of a frame the server sends (unmasked, 64-bit length).
-const MAX_HEADER_BYTES: usize = 10;
-
-/// The payload bytes of `message` as a frame.
-fn payload_len(message: &Message) -> usize {
-    match message {
-        Message::Text(t) => t.len(),
-        Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
-        // Code (2) and reason.
-        Message::Close(reason) => reason
-            .as_ref()
-            .map_or(0, |r| 2 + r.description.as_ref().map_or(0, String::len)),
-        Message::Continuation(_) | Message::Nop => 0,
-    }
-}
-
 impl OutboxState {
     /// Queues one encoded frame and wakes the body.
     fn push(&mut self, frame: Bytes) {
@@ -118,10 +102,11 @@ impl Outbox {
             return;
         }
         let s = &mut *s;
-        // Each frame in a buffer of its own size: a shared scratch buffer
-        // whose earlier frames are still queued cannot be reused, and
-        // growing it allocated ever larger blocks (a visible cost in malloc).
-        let mut frame = BytesMut::with_capacity(payload_len(&message) + MAX_HEADER_BYTES);
+        // Each frame in a buffer of its own (the writer reserves exactly its
+        // size): a shared scratch buffer whose earlier frames are still
+        // queued cannot be reused, and growing it allocated ever larger
+        // blocks (a visible cost in malloc).
+        let mut frame = BytesMut::new();
         if s.codec.encode(message, &mut frame).is_err() {
             return;
         }
@@ -137,7 +122,7 @@ impl Outbox {
         if s.finished {
             return;
         }
-        let mut frame = BytesMut::with_capacity(text.len() + MAX_HEADER_BYTES);
+        let mut frame = BytesMut::new();
         // A server's frames are not masked (RFC 6455 §5.1).
         Parser::write_message(&mut frame, text.as_bytes(), OpCode::Text, true, false);
         s.push(frame.freeze());
