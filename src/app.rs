@@ -5,14 +5,21 @@
 
 use std::future::Future;
 use std::net::TcpListener;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Actor;
+use actix_http::body::MessageBody;
+use actix_http::HttpService;
+use actix_service::{map_config, IntoServiceFactory};
+use actix_web::dev::{
+    fn_factory, fn_service, AppConfig, ServiceFactory, ServiceRequest, ServiceResponse,
+};
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::{from_fn, Logger};
-use actix_web::{web, App, HttpServer};
+use actix_web::{web, App};
 
 use crate::actors::keys::KeysActor;
 use crate::actors::mailbox::quota::Quota;
@@ -223,6 +230,7 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
         credentials: Credentials::new(config.device_cache_ttl()),
         cluster,
         draining: AtomicBool::new(false),
+        connections: Default::default(),
     });
     if let Some(events) = bus_events {
         // Until the bus is up, this node cannot hear other nodes' changes.
@@ -262,34 +270,73 @@ async fn vapid_key(pool: &store::Pool) -> Result<Vapid, RunError> {
     })
 }
 
-/// The HTTP server on `listener`, not yet running.
+/// The app: every route, the access log and the metrics, on `state`.
+fn app(
+    state: State,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(state)
+        // Access log: method, path without the query (it may carry a
+        // password), status, size, time. Never headers or bodies.
+        .wrap(
+            Logger::new("%a \"%{method}xi %U\" %s %b %Dms")
+                .custom_request_replace("method", |req| req.method().to_string()),
+        )
+        .wrap(from_fn(http::observe))
+        .configure(http::configure)
+        .default_service(web::to(http::not_found))
+}
+
+/// The HTTP server on `listener`, not yet running: actix-web's `HttpServer`
+/// put together by hand, for the one thing it does not offer, an upgrade
+/// service (`ws::takeover`), so a WebSocket does not keep an HTTP
+/// dispatcher for its whole life.
 fn serve(state: State, listener: TcpListener) -> Result<Server, RunError> {
     let config = state.config.clone();
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            // Access log: method, path without the query (it may carry a
-            // password), status, size, time. Never headers or bodies.
-            .wrap(
-                Logger::new("%a \"%{method}xi %U\" %s %b %Dms")
-                    .custom_request_replace("method", |req| req.method().to_string()),
-            )
-            .wrap(from_fn(http::observe))
-            .configure(http::configure)
-            .default_service(web::to(http::not_found))
-    })
-    .disable_signals()
-    // Each socket's descriptor, so a session can cut a connection whose
-    // peer stopped reading (`ws::transport`).
-    .on_connect(crate::ws::transport::remember_socket)
-    // Frames are small and latency-bound: never wait for Nagle's 40 ms.
-    .tcp_nodelay(true)
-    .shutdown_timeout(HTTP_SHUTDOWN_GRACE.as_secs())
-    .listen(listener)?;
+    let local = listener.local_addr()?;
+    let mut builder = actix_server::Server::build()
+        .disable_signals()
+        .shutdown_timeout(HTTP_SHUTDOWN_GRACE.as_secs());
     if config.workers > 0 {
-        server = server.workers(config.workers);
+        builder = builder.workers(config.workers);
     }
-    Ok(server.run())
+    // Idle keep-alive connections close at once when the server stops.
+    let stopping = builder.graceful_shutdown_signal();
+    let builder = builder.listen("courier", listener, move || {
+        let stopping = stopping.clone();
+        let upgrade_state = state.clone();
+        HttpService::build()
+            .graceful_shutdown_signal(move || {
+                let stopping = stopping.clone();
+                async move { stopping.notified().await }
+            })
+            // Frames are small and latency-bound: never wait for Nagle's 40 ms.
+            .tcp_nodelay(true)
+            // As actix-web's `HttpServer` has them.
+            .client_request_timeout(Duration::from_secs(5))
+            .client_disconnect_timeout(Duration::from_secs(1))
+            .local_addr(local)
+            .upgrade(fn_factory(move || {
+                let factory = app(upgrade_state.clone()).into_factory();
+                async move {
+                    let service = Rc::new(factory.new_service(AppConfig::default()).await?);
+                    Ok::<_, ()>(fn_service(move |(req, framed)| {
+                        crate::ws::takeover::serve(service.clone(), req, framed)
+                    }))
+                }
+            }))
+            .finish(map_config(app(state.clone()), |_| AppConfig::default()))
+            .tcp()
+    })?;
+    Ok(builder.run())
 }
 
 /// The graceful drain: refuse new work, have every session spill and close
@@ -308,5 +355,11 @@ async fn drain(state: &State, handle: &ServerHandle) {
     }
     // Everything spilled so far is committed before we report done.
     let _ = state.writer.barrier().await;
+    // Sessions have queued their close frames; their connections end once
+    // those are written (or are cut, if the peer does not read).
+    let deadline = std::time::Instant::now() + HTTP_SHUTDOWN_GRACE;
+    while state.connections.count() > 0 && std::time::Instant::now() < deadline {
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
     handle.stop(true).await;
 }

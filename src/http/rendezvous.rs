@@ -72,7 +72,6 @@ pub async fn create_channel(state: State, auth: Authenticated) -> Result<HttpRes
 )]
 pub async fn join_channel(
     req: HttpRequest,
-    payload: web::Payload,
     state: State,
     auth: Authenticated,
     channel: web::Path<String>,
@@ -80,5 +79,5 @@ pub async fn join_channel(
     if state.is_draining() {
         return Err(ApiError::Unavailable.into());
     }
-    crate::ws::rendezvous::start(&req, payload, auth.0, &channel, state).await
+    crate::ws::rendezvous::start(&req, auth.0, &channel, state).await
 }

@@ -1,7 +1,7 @@
 //! `GET /v1/websocket`: authenticates the upgrade and hands the connection
 //! to the WebSocket transport (`crate::ws`).
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{HttpRequest, HttpResponse};
 
 use super::auth::Connecting;
 use super::openapi::{Internal, RateLimited, Unauthorized};
@@ -44,7 +44,6 @@ use crate::service::state::State;
 )]
 pub async fn connect(
     req: HttpRequest,
-    payload: web::Payload,
     state: State,
     who: Connecting,
 ) -> Result<HttpResponse, actix_web::Error> {
@@ -52,13 +51,13 @@ pub async fn connect(
         return Err(ApiError::Unavailable.into());
     }
     match who {
-        Connecting::Device(address) => crate::ws::start(&req, payload, address, state),
+        Connecting::Device(address) => crate::ws::start(&req, address, state),
         Connecting::Unidentified(client) => {
             state
                 .limits
                 .check(crate::limits::Limit::UnidentifiedConnectPerIp, client)
                 .await?;
-            crate::ws::start_unidentified(&req, payload, client, state)
+            crate::ws::start_unidentified(&req, client, state)
         }
     }
 }

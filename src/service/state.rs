@@ -1,7 +1,7 @@
 //! `AppState`: the handles every handler and session shares. Built once by
 //! `app::run`, handed to actix-web as `web::Data` (an `Arc`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::Addr;
@@ -51,6 +51,9 @@ pub struct AppState {
     /// Set at the start of a graceful shutdown: `/readyz` answers 503 and
     /// new sends are refused.
     pub draining: AtomicBool,
+    /// The WebSocket connections open here (a graceful shutdown waits for
+    /// their last frames to be written).
+    pub connections: OpenConnections,
 }
 
 impl AppState {
@@ -60,3 +63,28 @@ impl AppState {
 }
 
 pub type State = actix_web::web::Data<AppState>;
+
+/// The open connections of one server, so a graceful shutdown can wait
+/// until every session's last frames (its close frame) are written.
+#[derive(Clone, Default)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub fn open(&self) -> OpenGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        OpenGuard(self.0.clone())
+    }
+}
+
+/// Counts one open connection until dropped.
+pub struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}

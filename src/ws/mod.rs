@@ -9,6 +9,7 @@
 //! - [`held`]: the copies a connection holds, bounded.
 //! - [`gate`]: backpressure on a connection's sends.
 //! - [`transport`]: the byte stream, which a stalled peer cannot freeze.
+//! - [`takeover`]: how an upgraded connection leaves the HTTP dispatcher.
 //! - [`rendezvous`]: one side of a rendezvous channel (its own small actor).
 //! - [`unidentified`]: a connection without credentials that only sends
 //!   sealed-sender messages (its own small actor).
@@ -19,68 +20,78 @@ pub mod held;
 pub mod rendezvous;
 pub mod replay;
 pub mod session;
+pub mod takeover;
 pub mod transport;
 pub mod unidentified;
 
 use std::rc::Rc;
 
 use actix::{Actor, AsyncContext, Context, StreamHandler};
-use actix_http::body::{BodyStream, MessageBody};
-use actix_http::ws::{Frame, ProtocolError};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_http::body::MessageBody;
+use actix_http::ws::{Frame, HandshakeError, ProtocolError};
+use actix_web::{HttpRequest, HttpResponse};
 
 use crate::domain::address::Address;
 use crate::service::state::State;
 use gate::{GatedStream, InflightGate};
 use session::DeviceSession;
-use transport::{ConnSocket, Inbox, Outbox};
+use transport::Outbox;
 use unidentified::SenderSession;
 
-/// Answers the upgrade of an authenticated device and starts its session
-/// on this thread's arbiter.
+/// Answers the upgrade of an authenticated device; its session starts on
+/// this thread's arbiter once the answer is written.
 pub fn start(
     req: &HttpRequest,
-    payload: web::Payload,
     address: Address,
     state: State,
 ) -> Result<HttpResponse, actix_web::Error> {
-    upgrade(req, payload, state, move |state, gate, outbox, socket| {
-        DeviceSession::new(address, state, gate, outbox, socket)
+    upgrade(req, state, move |state, gate, outbox| {
+        DeviceSession::new(address, state, gate, outbox)
     })
 }
 
-/// Answers the upgrade of an unidentified connection (no credentials) and
-/// starts its [`unidentified::SenderSession`].
+/// Answers the upgrade of an unidentified connection (no credentials); its
+/// [`unidentified::SenderSession`] starts once the answer is written.
 pub fn start_unidentified(
     req: &HttpRequest,
-    payload: web::Payload,
     client: std::net::IpAddr,
     state: State,
 ) -> Result<HttpResponse, actix_web::Error> {
-    upgrade(req, payload, state, move |state, gate, outbox, socket| {
-        SenderSession::new(client, state, gate, outbox, socket)
+    upgrade(req, state, move |state, gate, outbox| {
+        SenderSession::new(client, state, gate, outbox)
     })
 }
 
-/// The handshake answer, and the session actor `make` builds, fed the
-/// connection's frames through its in-flight gate.
+/// The handshake's answer, which starts the session actor `make` builds,
+/// fed the connection's frames through its in-flight gate.
 fn upgrade<A>(
     req: &HttpRequest,
-    payload: web::Payload,
     state: State,
-    make: impl FnOnce(State, Rc<InflightGate>, Outbox, Option<ConnSocket>) -> A + 'static,
+    make: impl FnOnce(State, Rc<InflightGate>, Outbox) -> A + 'static,
 ) -> Result<HttpResponse, actix_web::Error>
 where
     A: Actor<Context = Context<A>> + StreamHandler<Result<Frame, ProtocolError>>,
 {
-    let mut response = actix_http::ws::handshake(req.head())?;
-    let (outbox, body) = Outbox::new();
-    let gate = InflightGate::new(state.config.max_inflight_sends);
-    let socket = req.conn_data::<ConnSocket>().cloned();
-    let frames = GatedStream::new(Inbox::new(payload, frames::MAX_FRAME_BYTES), gate.clone());
-    A::create(move |ctx| {
-        ctx.add_stream(frames);
-        make(state, gate, outbox, socket)
-    });
-    Ok(response.message_body(BodyStream::new(body).boxed())?.into())
+    let response = handshake(req)?;
+    Ok(takeover::accept(response, move |conn| {
+        let (inbox, outbox) = transport::open(conn, frames::MAX_FRAME_BYTES, &state.connections);
+        let gate = InflightGate::new(state.config.max_inflight_sends);
+        let frames = GatedStream::new(inbox, gate.clone());
+        A::create(move |ctx| {
+            ctx.add_stream(frames);
+            make(state, gate, outbox)
+        });
+    }))
+}
+
+/// Checks the handshake; the `101` answer, without a body.
+pub fn handshake(req: &HttpRequest) -> Result<HttpResponse, actix_web::Error> {
+    // A handshake the upgrade service did not see (one with a chunked body)
+    // cannot be taken over.
+    if !takeover::is_upgradable(req) {
+        return Err(HandshakeError::NoWebsocketUpgrade.into());
+    }
+    Ok(actix_http::ws::handshake(req.head())?
+        .message_body(().boxed())?
+        .into())
 }

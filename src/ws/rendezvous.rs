@@ -17,13 +17,12 @@
 use std::time::Instant;
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, StreamHandler};
-use actix_http::body::{BodyStream, MessageBody};
 use actix_http::ws::{CloseCode, CloseReason, Frame, Item, ProtocolError};
 use actix_web::web::{Bytes, BytesMut};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{HttpRequest, HttpResponse};
 
 use super::session::{close_code, CLIENT_TIMEOUT, CLOSE_GRACE, HEARTBEAT_INTERVAL};
-use super::transport::{finish_or_cut, ConnSocket, Inbox, Outbox};
+use super::transport::{finish_or_cut, Outbox};
 use crate::actors::rendezvous::{EndReason, HubLink, Leave, Relay, SideRef, ToSide};
 use crate::domain::address::Address;
 use crate::domain::rendezvous::MAX_FRAME_BYTES;
@@ -40,30 +39,29 @@ pub const MAX_UNSENT_BYTES: usize = 2 * 1024 * 1024;
 /// side's session on this thread's arbiter.
 pub async fn start(
     req: &HttpRequest,
-    payload: web::Payload,
     address: Address,
     channel: &str,
     state: State,
 ) -> Result<HttpResponse, actix_web::Error> {
     // A request that is no WebSocket handshake must not take a slot.
-    let mut response = actix_http::ws::handshake(req.head())?;
+    let response = super::handshake(req)?;
     // The session's address exists before the session does, so the hub can
     // be given it (and queue events for it) before the upgrade is answered.
-    let mut ctx = Context::<RendezvousSession>::new();
+    let ctx = Context::<RendezvousSession>::new();
     let (side, hub) = rendezvous::join(&state, address, channel, ctx.address().recipient()).await?;
-    let (outbox, body) = Outbox::new();
-    let socket = req.conn_data::<ConnSocket>().cloned();
-    ctx.add_stream(Inbox::new(payload, MAX_FRAME_BYTES));
-    ctx.run(RendezvousSession {
-        address,
-        side,
-        hub,
-        outbox,
-        socket,
-        heartbeat: Instant::now(),
-        fragments: None,
-    });
-    Ok(response.message_body(BodyStream::new(body).boxed())?.into())
+    Ok(super::takeover::accept(response, move |conn| {
+        let (inbox, outbox) = super::transport::open(conn, MAX_FRAME_BYTES, &state.connections);
+        let mut ctx = ctx;
+        ctx.add_stream(inbox);
+        ctx.run(RendezvousSession {
+            address,
+            side,
+            hub,
+            outbox,
+            heartbeat: Instant::now(),
+            fragments: None,
+        });
+    }))
 }
 
 pub struct RendezvousSession {
@@ -72,7 +70,6 @@ pub struct RendezvousSession {
     /// This node's hub, or the link to the node holding the channel.
     hub: HubLink,
     outbox: Outbox,
-    socket: Option<ConnSocket>,
     /// When the client last sent anything.
     heartbeat: Instant,
     /// A binary message arriving in fragments.
@@ -90,10 +87,7 @@ impl RendezvousSession {
 
     /// Resets the connection at once (the client is not reading) and stops.
     fn abort(&mut self, ctx: &mut Context<Self>) {
-        match self.socket {
-            Some(socket) => self.outbox.cut(socket),
-            None => self.outbox.finish(),
-        }
+        self.outbox.cut();
         ctx.stop();
     }
 
@@ -170,7 +164,7 @@ impl Actor for RendezvousSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        finish_or_cut(&self.outbox, self.socket.take(), CLOSE_GRACE);
+        finish_or_cut(&self.outbox, CLOSE_GRACE);
     }
 }
 

@@ -6,7 +6,7 @@
 //! the connection ends, is spilled to the mailbox and its sender is answered
 //! `queued` once the spill is committed.
 //!
-//! The actor runs on its own, not inside the response body (see
+//! The actor runs on its own, not inside whatever writes its output (see
 //! [`super::transport`]): a peer that stops reading cannot stop its timers,
 //! and it is cut off once its unsent output passes [`MAX_UNSENT_BYTES`] or
 //! makes no progress for [`CLIENT_TIMEOUT`].
@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 
 use super::gate::InflightGate;
 use super::held::{Acked, Held, RecentAcks};
-use super::transport::{finish_or_cut, ConnSocket, Outbox};
+use super::transport::{finish_or_cut, Outbox};
 use crate::actors::router::{
     AckLive, Close, Connect, Deliver, Disconnect, Rescan, RouteReply, SessionHandle,
 };
@@ -95,7 +95,6 @@ pub struct DeviceSession {
     pub(super) heartbeat: Instant,
     pub(super) gate: Rc<InflightGate>,
     pub(super) outbox: Outbox,
-    socket: Option<ConnSocket>,
     pub(super) held: Held,
     /// Where the replay goes on from (the last mailbox guid pushed).
     pub(super) cursor: Option<String>,
@@ -124,13 +123,7 @@ pub struct DeviceSession {
 }
 
 impl DeviceSession {
-    pub fn new(
-        address: Address,
-        state: State,
-        gate: Rc<InflightGate>,
-        outbox: Outbox,
-        socket: Option<ConnSocket>,
-    ) -> Self {
+    pub fn new(address: Address, state: State, gate: Rc<InflightGate>, outbox: Outbox) -> Self {
         let recent_acks = state.cluster.as_ref().map(|_| RecentAcks::default());
         DeviceSession {
             recent_acks,
@@ -141,7 +134,6 @@ impl DeviceSession {
             heartbeat: Instant::now(),
             gate,
             outbox,
-            socket,
             held: Held::default(),
             cursor: None,
             loading: false,
@@ -226,10 +218,7 @@ impl DeviceSession {
     fn abort(&mut self, ctx: &mut Context<Self>) {
         self.phase = Phase::Closing;
         self.spill_all();
-        match self.socket {
-            Some(socket) => self.outbox.cut(socket),
-            None => self.outbox.finish(),
-        }
+        self.outbox.cut();
         ctx.stop();
     }
 
@@ -402,7 +391,7 @@ impl Actor for DeviceSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        finish_or_cut(&self.outbox, self.socket.take(), CLOSE_GRACE);
+        finish_or_cut(&self.outbox, CLOSE_GRACE);
     }
 }
 

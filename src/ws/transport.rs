@@ -1,18 +1,24 @@
 //! The WebSocket byte stream, decoupled from the session actor.
 //!
-//! actix-web-actors runs a session actor *inside* the response body, so the
-//! actor (its timers, its mailbox) only runs while the dispatcher polls that
-//! body, and the dispatcher stops polling it once ~32 KiB of output wait for
-//! a peer that does not read. A phone whose radio died would freeze its
-//! session: no ack deadlines, no heartbeat, no replacement. Here the session
-//! is an ordinary actor; the response body only drains an [`Outbox`] that the
-//! session fills, and that tells it how much is unsent and since when
-//! nothing was written, so the session can give up on a stalled peer. The
-//! request payload is decoded into frames by [`Inbox`], read only while the
-//! session's gate is open (backpressure). Framing is actix-http's `Codec`.
+//! Once the handshake is answered the connection leaves actix-http's HTTP/1
+//! dispatcher (see [`super::takeover`]): the socket comes here, and nothing
+//! of the dispatcher (its two 8 KiB buffers, its task) is kept for the life
+//! of the connection. What stays per connection is small and mostly empty
+//! while the peer is idle: an [`Inbox`] whose read buffer exists only while
+//! a frame is being read, and an [`Outbox`] whose frames are written by a
+//! small task of their own straight from the queue.
+//!
+//! The session is an ordinary actor: it is not polled by whoever writes its
+//! output, so a peer that stops reading cannot freeze its timers (ack
+//! deadlines, heartbeat, replacement). The outbox tells the session how much
+//! is unsent and since when nothing was written, so it can give up on a
+//! stalled peer and [cut](Outbox::cut) the connection. The inbox reads only
+//! while the session's gate is open (backpressure). Framing is actix-http's
+//! `Codec`.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -21,48 +27,57 @@ use std::time::{Duration, Instant};
 
 use actix_codec::{Decoder, Encoder};
 use actix_http::ws::{CloseReason, Codec, Frame, Message, OpCode, Parser, ProtocolError};
-use actix_web::error::PayloadError;
-use actix_web::web::{Bytes, BytesMut};
+use actix_web::rt::net::TcpStream;
+use actix_web::web::{Buf, Bytes, BytesMut};
 use futures_util::Stream;
 
-/// The descriptor of a connection's socket, noted when the connection is
-/// accepted (see [`remember_socket`]), so a session can cut a connection
-/// whose peer stopped reading: the HTTP dispatcher is then parked on a write
-/// that never completes and would hold the connection until the kernel gives
-/// up (many minutes; never, while the peer's window stays shut).
-///
-/// Only the number is kept (a duplicate would double every connection's
-/// descriptors), so it is used only through [`Outbox::cut`], which checks
-/// that the response body is still alive: the body lives inside the
-/// dispatcher that owns the socket, on this same thread, so while the body
-/// exists the descriptor is open and cannot have been reused.
-#[derive(Clone, Copy, Debug)]
-pub struct ConnSocket(RawFd);
+use crate::service::state::{OpenConnections, OpenGuard};
 
-/// `HttpServer::on_connect` hook: notes each TCP connection's descriptor in
-/// the connection's data.
-pub fn remember_socket(conn: &dyn std::any::Any, data: &mut actix_web::dev::Extensions) {
-    if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        data.insert(ConnSocket(tcp.as_raw_fd()));
-    }
+/// An upgraded connection, as the handshake leaves it: the socket, and any
+/// bytes the peer sent after its request (its first frames, if it did not
+/// wait for the answer).
+pub struct Connection {
+    pub io: TcpStream,
+    pub read: BytesMut,
+}
+
+/// Splits an upgraded connection into the session's two ends and starts the
+/// task that writes the outbox (on this thread). `max_frame`: the largest
+/// frame accepted from the peer.
+pub fn open(conn: Connection, max_frame: usize, open: &OpenConnections) -> (Inbox, Outbox) {
+    let io = Rc::new(conn.io);
+    let (outbox, state) = Outbox::new(io.as_raw_fd());
+    actix::spawn(write_out(io.clone(), state, open.open()));
+    let inbox = Inbox {
+        io,
+        buf: conn.read,
+        codec: Codec::new().max_size(max_frame),
+        done: false,
+    };
+    (inbox, outbox)
 }
 
 struct OutboxState {
     frames: VecDeque<Bytes>,
     unsent: usize,
-    /// When the body last handed bytes to the dispatcher (or the outbox last
-    /// went from empty to non-empty): "no write progress since".
+    /// When bytes were last written to the socket (or the outbox last went
+    /// from empty to non-empty): "no write progress since".
     progress: Instant,
+    /// The writer, waiting for frames.
     waker: Option<Waker>,
-    /// No more frames will come: the body ends once `frames` is empty.
+    /// No more frames will come: the writer ends once `frames` is empty.
     finished: bool,
-    /// The dispatcher still holds the body (and so the socket).
-    body_alive: bool,
+    /// The writer still runs (and so holds the socket open).
+    writer_alive: bool,
+    /// The socket's descriptor, for [`Outbox::cut`]: only used while
+    /// `writer_alive`, when the socket is certainly still open (the writer
+    /// holds it), so it cannot name a reused descriptor.
+    fd: RawFd,
     codec: Codec,
 }
 
 impl OutboxState {
-    /// Queues one encoded frame and wakes the body.
+    /// Queues one encoded frame and wakes the writer.
     fn push(&mut self, frame: Bytes) {
         if self.frames.is_empty() {
             self.progress = Instant::now();
@@ -73,27 +88,50 @@ impl OutboxState {
             w.wake();
         }
     }
+
+    /// `n` bytes from the front of the queue were written.
+    fn written(&mut self, mut n: usize) {
+        self.unsent -= n;
+        self.progress = Instant::now();
+        while n > 0 {
+            let Some(front) = self.frames.front_mut() else {
+                break;
+            };
+            if front.len() <= n {
+                n -= front.len();
+                self.frames.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+
+    /// The writer cannot go on: nothing more is queued or written.
+    fn fail(&mut self) {
+        self.finished = true;
+        self.frames.clear();
+        self.unsent = 0;
+    }
 }
 
 /// The session's side of the outgoing byte stream.
 #[derive(Clone)]
 pub struct Outbox(Rc<RefCell<OutboxState>>);
 
-/// The response body: yields what the session queued, as it is written.
-pub struct OutboxBody(Rc<RefCell<OutboxState>>);
-
 impl Outbox {
-    pub fn new() -> (Outbox, OutboxBody) {
+    fn new(fd: RawFd) -> (Outbox, Rc<RefCell<OutboxState>>) {
         let state = Rc::new(RefCell::new(OutboxState {
             frames: VecDeque::new(),
             unsent: 0,
             progress: Instant::now(),
             waker: None,
             finished: false,
-            body_alive: true,
+            writer_alive: true,
+            fd,
             codec: Codec::new(),
         }));
-        (Outbox(state.clone()), OutboxBody(state))
+        (Outbox(state.clone()), state)
     }
 
     fn queue(&self, message: Message) {
@@ -146,7 +184,7 @@ impl Outbox {
         self.finish();
     }
 
-    /// Ends the body once what is queued has been written.
+    /// Ends the connection once what is queued has been written.
     pub fn finish(&self) {
         let mut s = self.0.borrow_mut();
         s.finished = true;
@@ -155,7 +193,7 @@ impl Outbox {
         }
     }
 
-    /// Bytes queued but not yet taken by the dispatcher.
+    /// Bytes queued but not yet written to the socket.
     pub fn unsent(&self) -> usize {
         self.0.borrow().unsent
     }
@@ -171,91 +209,145 @@ impl Outbox {
         }
     }
 
-    /// Everything queued has been handed to the dispatcher.
+    /// Everything queued has been written.
     pub fn is_drained(&self) -> bool {
         self.0.borrow().frames.is_empty()
     }
 
-    /// Shuts the connection down in both directions, if the dispatcher still
-    /// holds it (see [`ConnSocket`]): the parked write then fails, which ends
-    /// the dispatcher and closes the socket; the peer sees the connection
-    /// end. Nothing more is queued.
-    pub fn cut(&self, socket: ConnSocket) {
+    /// Shuts the connection down in both directions at once (the peer is
+    /// not reading): the writer's parked write fails and the inbox ends; the
+    /// peer sees the connection end. Nothing more is queued.
+    pub fn cut(&self) {
         self.finish();
-        if self.0.borrow().body_alive {
-            let _ = nix::sys::socket::shutdown(socket.0, nix::sys::socket::Shutdown::Both);
+        let s = self.0.borrow();
+        if s.writer_alive {
+            let _ = nix::sys::socket::shutdown(s.fd, nix::sys::socket::Shutdown::Both);
         }
     }
 }
 
 /// After a session has stopped: a peer that does not read never takes the
 /// close frame, so the connection is reset `grace` later if what was queued
-/// has still not been written, instead of leaving the dispatcher parked on it.
-pub fn finish_or_cut(outbox: &Outbox, socket: Option<ConnSocket>, grace: Duration) {
+/// has still not been written, instead of leaving the writer parked on it.
+pub fn finish_or_cut(outbox: &Outbox, grace: Duration) {
     outbox.finish();
-    if let (false, Some(socket)) = (outbox.is_drained(), socket) {
+    if !outbox.is_drained() {
         let outbox = outbox.clone();
         actix::spawn(async move {
             tokio::time::sleep(grace).await;
             if !outbox.is_drained() {
-                outbox.cut(socket);
+                outbox.cut();
             }
         });
     }
 }
 
-impl Drop for OutboxBody {
-    fn drop(&mut self) {
-        self.0.borrow_mut().body_alive = false;
+/// Frames written in one `writev`, at most.
+const MAX_WRITE_FRAMES: usize = 64;
+
+/// How long a finished connection keeps reading (and dropping) what the peer
+/// still sends, so that its close frame or last bytes are not answered with
+/// a reset, which could destroy our own close frame before the peer read it.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// The outbox's writer: writes queued frames as they come, several to a
+/// system call, straight from the queue (no write buffer). Ends when the
+/// outbox is finished and written, or on a write error; then half-closes
+/// and lingers (see [`LINGER`]).
+async fn write_out(io: Rc<TcpStream>, state: Rc<RefCell<OutboxState>>, open: OpenGuard) {
+    let result = write_frames(&io, &state).await;
+    // Written (or failed): a graceful shutdown need not wait for the linger.
+    drop(open);
+    {
+        let mut s = state.borrow_mut();
+        s.writer_alive = false;
+        if result.is_err() {
+            s.fail();
+        }
     }
-}
-
-impl Stream for OutboxBody {
-    type Item = Result<Bytes, actix_web::Error>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let mut s = self.0.borrow_mut();
-        match s.frames.pop_front() {
-            Some(frame) => {
-                s.unsent -= frame.len();
-                s.progress = Instant::now();
-                Poll::Ready(Some(Ok(frame)))
-            }
-            None if s.finished => Poll::Ready(None),
-            None => {
-                s.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
+    match result {
+        Ok(()) => {
+            let _ = nix::sys::socket::shutdown(io.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+            let _ = tokio::time::timeout(LINGER, discard_until_eof(&io)).await;
+        }
+        // The inbox (if the session still reads) sees the connection end.
+        Err(_) => {
+            let _ = nix::sys::socket::shutdown(io.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         }
     }
 }
 
-/// Decodes the request payload into WebSocket frames, one at a time, pulling
-/// more bytes only when the buffer holds no whole frame (so a paused reader
-/// stops the socket being read). A protocol error ends the stream.
-pub struct Inbox<S> {
-    payload: S,
+async fn write_frames(io: &TcpStream, state: &RefCell<OutboxState>) -> io::Result<()> {
+    loop {
+        let more = futures_util::future::poll_fn(|cx| {
+            let mut s = state.borrow_mut();
+            if !s.frames.is_empty() {
+                Poll::Ready(true)
+            } else if s.finished {
+                Poll::Ready(false)
+            } else {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        if !more {
+            return Ok(());
+        }
+        io.writable().await?;
+        let written = {
+            let s = state.borrow();
+            let mut slices = [IoSlice::new(&[]); MAX_WRITE_FRAMES];
+            let mut n = 0;
+            for (slot, frame) in slices.iter_mut().zip(s.frames.iter()) {
+                *slot = IoSlice::new(frame);
+                n += 1;
+            }
+            io.try_write_vectored(&slices[..n])
+        };
+        match written {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => state.borrow_mut().written(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads and drops whatever the peer still sends, until it closes.
+async fn discard_until_eof(io: &TcpStream) {
+    let mut sink = [0u8; 512];
+    loop {
+        if io.readable().await.is_err() {
+            return;
+        }
+        match io.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Read buffer space reserved when less than [`READ_LOW`] is free: a read
+/// takes up to this much of what the peer sent.
+const READ_CHUNK: usize = 8 * 1024;
+const READ_LOW: usize = 1024;
+
+/// Decodes the socket's bytes into WebSocket frames, one at a time, reading
+/// more only when the buffer holds no whole frame (so a paused reader stops
+/// the socket being read). A protocol error ends the stream. The buffer is
+/// let go whenever it is empty and the socket has nothing to read, so an
+/// idle connection holds none.
+pub struct Inbox {
+    io: Rc<TcpStream>,
     buf: BytesMut,
     codec: Codec,
     done: bool,
 }
 
-impl<S> Inbox<S> {
-    /// `max_frame`: the largest frame accepted; a bigger one is an error.
-    pub fn new(payload: S, max_frame: usize) -> Self {
-        Inbox {
-            payload,
-            buf: BytesMut::new(),
-            codec: Codec::new().max_size(max_frame),
-            done: false,
-        }
-    }
-}
-
-impl<S> Stream for Inbox<S>
-where
-    S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
-{
+impl Stream for Inbox {
     type Item = Result<Frame, ProtocolError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -266,21 +358,37 @@ where
                 Ok(None) => {}
                 Err(e) => {
                     this.done = true;
-                    this.buf.clear();
+                    this.buf = BytesMut::new();
                     return Poll::Ready(Some(Err(e)));
                 }
             }
             if this.done {
                 return Poll::Ready(None);
             }
-            match Pin::new(&mut this.payload).poll_next(cx) {
-                Poll::Ready(Some(Ok(bytes))) => this.buf.extend_from_slice(&bytes),
-                Poll::Ready(Some(Err(e))) => {
+            match this.io.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
                     this.done = true;
-                    return Poll::Ready(Some(Err(ProtocolError::Io(std::io::Error::other(e)))));
+                    return Poll::Ready(Some(Err(ProtocolError::Io(e))));
                 }
-                Poll::Ready(None) => this.done = true,
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if this.buf.is_empty() {
+                        this.buf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+            }
+            if this.buf.capacity() - this.buf.len() < READ_LOW {
+                this.buf.reserve(READ_CHUNK);
+            }
+            match this.io.try_read_buf(&mut this.buf) {
+                Ok(0) => this.done = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(ProtocolError::Io(e))));
+                }
             }
         }
     }

@@ -20,7 +20,7 @@ use super::frames::{response_frame, spawn_send, MAX_FRAME_BYTES};
 use super::gate::InflightGate;
 use super::session::MAX_UNSENT_BYTES;
 use super::session::{close_code, CLIENT_TIMEOUT, CLOSE_GRACE, HEARTBEAT_INTERVAL};
-use super::transport::{finish_or_cut, ConnSocket, Outbox};
+use super::transport::{finish_or_cut, Outbox};
 use crate::domain::access::AccessKey;
 use crate::error::ApiError;
 use crate::http::auth::access_key;
@@ -36,7 +36,6 @@ pub struct SenderSession {
     state: State,
     gate: Rc<InflightGate>,
     outbox: Outbox,
-    socket: Option<ConnSocket>,
     heartbeat: Instant,
     /// Completes when the previous send has been routed (frame order).
     last_routed: Option<oneshot::Receiver<()>>,
@@ -46,19 +45,12 @@ pub struct SenderSession {
 }
 
 impl SenderSession {
-    pub fn new(
-        client: IpAddr,
-        state: State,
-        gate: Rc<InflightGate>,
-        outbox: Outbox,
-        socket: Option<ConnSocket>,
-    ) -> Self {
+    pub fn new(client: IpAddr, state: State, gate: Rc<InflightGate>, outbox: Outbox) -> Self {
         SenderSession {
             client,
             state,
             gate,
             outbox,
-            socket,
             heartbeat: Instant::now(),
             last_routed: None,
             bad_frames: 0,
@@ -82,10 +74,7 @@ impl SenderSession {
     }
 
     fn abort(&mut self, ctx: &mut Context<Self>) {
-        match self.socket {
-            Some(socket) => self.outbox.cut(socket),
-            None => self.outbox.finish(),
-        }
+        self.outbox.cut();
         ctx.stop();
     }
 
@@ -219,7 +208,7 @@ impl Actor for SenderSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        finish_or_cut(&self.outbox, self.socket.take(), CLOSE_GRACE);
+        finish_or_cut(&self.outbox, CLOSE_GRACE);
     }
 }
 
