@@ -330,16 +330,16 @@ async fn discard_until_eof(io: &TcpStream) {
     }
 }
 
-/// Read buffer space reserved when less than [`READ_LOW`] is free: a read
-/// takes up to this much of what the peer sent.
+/// The most read from the socket at once (into a buffer on the stack, then
+/// copied to the connection's buffer, sized to what came).
 const READ_CHUNK: usize = 8 * 1024;
-const READ_LOW: usize = 1024;
 
 /// Decodes the socket's bytes into WebSocket frames, one at a time, reading
 /// more only when the buffer holds no whole frame (so a paused reader stops
-/// the socket being read). A protocol error ends the stream. The buffer is
-/// let go whenever it is empty and the socket has nothing to read, so an
-/// idle connection holds none.
+/// the socket being read). A protocol error ends the stream. The buffer
+/// holds only what was read and not yet decoded, and is let go whenever it
+/// is empty and the socket has nothing to read: an idle connection holds
+/// none.
 pub struct Inbox {
     io: Rc<TcpStream>,
     buf: BytesMut,
@@ -378,12 +378,13 @@ impl Stream for Inbox {
                     return Poll::Pending;
                 }
             }
-            if this.buf.capacity() - this.buf.len() < READ_LOW {
-                this.buf.reserve(READ_CHUNK);
-            }
-            match this.io.try_read_buf(&mut this.buf) {
+            // Read on the stack and keep only what came: a fresh 8 KiB
+            // buffer per read would cost a large allocation each time
+            // (glibc consolidates its free lists for every one).
+            let mut chunk = [0u8; READ_CHUNK];
+            match this.io.try_read(&mut chunk) {
                 Ok(0) => this.done = true,
-                Ok(_) => {}
+                Ok(n) => this.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     this.done = true;
