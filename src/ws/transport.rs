@@ -330,9 +330,17 @@ async fn discard_until_eof(io: &TcpStream) {
     }
 }
 
-/// The most read from the socket at once (into a buffer on the stack, then
-/// copied to the connection's buffer, sized to what came).
+/// The most read from the socket at once (into the thread's scratch buffer,
+/// then copied to the connection's buffer, sized to what came).
 const READ_CHUNK: usize = 8 * 1024;
+
+thread_local! {
+    /// Every connection on a thread reads through this one buffer: a fresh
+    /// 8 KiB buffer per read cost a large allocation each time (glibc
+    /// consolidates its free lists for every one), and one on the stack
+    /// would be zeroed each time.
+    static READ_SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
 
 /// Decodes the socket's bytes into WebSocket frames, one at a time, reading
 /// more only when the buffer holds no whole frame (so a paused reader stops
@@ -378,13 +386,14 @@ impl Stream for Inbox {
                     return Poll::Pending;
                 }
             }
-            // Read on the stack and keep only what came: a fresh 8 KiB
-            // buffer per read would cost a large allocation each time
-            // (glibc consolidates its free lists for every one).
-            let mut chunk = [0u8; READ_CHUNK];
-            match this.io.try_read(&mut chunk) {
+            let read = READ_SCRATCH.with_borrow_mut(|chunk| {
+                let n = this.io.try_read(chunk)?;
+                this.buf.extend_from_slice(&chunk[..n]);
+                Ok::<_, io::Error>(n)
+            });
+            match read {
                 Ok(0) => this.done = true,
-                Ok(n) => this.buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     this.done = true;
