@@ -35,6 +35,14 @@ fn read_to_close(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends `request` on a fresh connection; everything the server answers
+/// until it closes the connection.
+fn ask(addr: SocketAddr, request: &str) -> String {
+    let mut stream = connect(addr);
+    stream.write_all(request.as_bytes()).expect("write");
+    read_to_close(&mut stream)
+}
+
 /// A masked client frame (RFC 6455 §5.3) of fewer than 126 bytes.
 fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     assert!(payload.len() < 126);
@@ -126,13 +134,13 @@ async fn a_refused_upgrade_is_answered_and_the_connection_closed() {
     let d = TestDevice::register(&server).await;
     let addr = server.addr;
     tokio::task::spawn_blocking(move || {
-        let mut stream = connect(addr);
-        let request = format!(
-            "GET /v1/websocket?login={}&password=wrong HTTP/1.1\r\nHost: {addr}\r\n{HANDSHAKE_HEADERS}\r\n",
-            percent(&d.login()),
+        let answer = ask(
+            addr,
+            &format!(
+                "GET /v1/websocket?login={}&password=wrong HTTP/1.1\r\nHost: {addr}\r\n{HANDSHAKE_HEADERS}\r\n",
+                percent(&d.login()),
+            ),
         );
-        stream.write_all(request.as_bytes()).expect("write");
-        let answer = read_to_close(&mut stream);
         assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
         let lower = answer.to_ascii_lowercase();
         assert!(lower.contains("connection: close"), "{answer}");
@@ -158,19 +166,19 @@ async fn an_upgrade_header_elsewhere_gets_that_paths_answer() {
     let addr = server.addr;
     let auth = b64(format!("{}:{}", d.login(), d.password).as_bytes());
     tokio::task::spawn_blocking(move || {
-        let mut stream = connect(addr);
-        let request = format!(
-            "GET /v1/keys/count HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic {auth}\r\n{HANDSHAKE_HEADERS}\r\n"
+        let answer = ask(
+            addr,
+            &format!(
+                "GET /v1/keys/count HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic {auth}\r\n{HANDSHAKE_HEADERS}\r\n"
+            ),
         );
-        stream.write_all(request.as_bytes()).expect("write");
-        let answer = read_to_close(&mut stream);
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.contains("\"count\""), "{answer}");
 
-        let mut stream = connect(addr);
-        let request = format!("GET /nowhere HTTP/1.1\r\nHost: {addr}\r\n{HANDSHAKE_HEADERS}\r\n");
-        stream.write_all(request.as_bytes()).expect("write");
-        let answer = read_to_close(&mut stream);
+        let answer = ask(
+            addr,
+            &format!("GET /nowhere HTTP/1.1\r\nHost: {addr}\r\n{HANDSHAKE_HEADERS}\r\n"),
+        );
         assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
     })
     .await
