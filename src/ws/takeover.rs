@@ -78,7 +78,11 @@ where
     // Started even if the answer could not be written: the session then
     // finds the connection gone and ends as for any other lost peer.
     (accept.0)(Connection { io: parts.io, read });
-    written
+    if let Err(e) = written {
+        // A client gone mid-handshake is no server error.
+        log::debug!("upgrade answer not written: {e}");
+    }
+    Ok(())
 }
 
 async fn write_head(
@@ -113,7 +117,10 @@ async fn refuse(
         Pin::new(&mut framed).write(h1::Message::Chunk(Some(body)))?;
     }
     Pin::new(&mut framed).write(h1::Message::Chunk(None))?;
-    flush(&mut framed).await
+    flush(&mut framed).await?;
+    // The client may have sent more (frames, a body) that nobody reads.
+    super::transport::linger(&framed.into_parts().io).await;
+    Ok(())
 }
 
 /// Whether `req` came through [`serve`] (so its connection can be taken

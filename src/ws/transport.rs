@@ -19,9 +19,8 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -46,7 +45,7 @@ pub struct Connection {
 /// frame accepted from the peer.
 pub fn open(conn: Connection, max_frame: usize, open: &OpenConnections) -> (Inbox, Outbox) {
     let io = Rc::new(conn.io);
-    let (outbox, state) = Outbox::new(io.as_raw_fd());
+    let (outbox, state) = Outbox::new(Rc::downgrade(&io));
     actix::spawn(write_out(io.clone(), state, open.open()));
     let inbox = Inbox {
         io,
@@ -67,12 +66,10 @@ struct OutboxState {
     waker: Option<Waker>,
     /// No more frames will come: the writer ends once `frames` is empty.
     finished: bool,
-    /// The writer still runs (and so holds the socket open).
-    writer_alive: bool,
-    /// The socket's descriptor, for [`Outbox::cut`]: only used while
-    /// `writer_alive`, when the socket is certainly still open (the writer
-    /// holds it), so it cannot name a reused descriptor.
-    fd: RawFd,
+    /// The socket, for [`Outbox::cut`], while the writer or the inbox still
+    /// holds it (a descriptor number could name another connection's
+    /// socket once this one is closed).
+    socket: Weak<TcpStream>,
     codec: Codec,
 }
 
@@ -120,15 +117,14 @@ impl OutboxState {
 pub struct Outbox(Rc<RefCell<OutboxState>>);
 
 impl Outbox {
-    fn new(fd: RawFd) -> (Outbox, Rc<RefCell<OutboxState>>) {
+    fn new(socket: Weak<TcpStream>) -> (Outbox, Rc<RefCell<OutboxState>>) {
         let state = Rc::new(RefCell::new(OutboxState {
             frames: VecDeque::new(),
             unsent: 0,
             progress: Instant::now(),
             waker: None,
             finished: false,
-            writer_alive: true,
-            fd,
+            socket,
             codec: Codec::new(),
         }));
         (Outbox(state.clone()), state)
@@ -214,14 +210,18 @@ impl Outbox {
         self.0.borrow().frames.is_empty()
     }
 
-    /// Shuts the connection down in both directions at once (the peer is
-    /// not reading): the writer's parked write fails and the inbox ends; the
-    /// peer sees the connection end. Nothing more is queued.
+    /// Resets the connection at once (the peer is not reading): the
+    /// writer's parked write fails and the inbox ends, and when the socket
+    /// closes the peer gets a reset, and the kernel drops what it still
+    /// held for it (a FIN would wait behind that unread data for minutes).
+    /// Nothing more is queued.
     pub fn cut(&self) {
         self.finish();
-        let s = self.0.borrow();
-        if s.writer_alive {
-            let _ = nix::sys::socket::shutdown(s.fd, nix::sys::socket::Shutdown::Both);
+        let socket = self.0.borrow().socket.upgrade();
+        if let Some(io) = socket {
+            let sock = socket2::SockRef::from(&*io);
+            let _ = sock.set_linger(Some(Duration::ZERO));
+            let _ = sock.shutdown(std::net::Shutdown::Both);
         }
     }
 }
@@ -253,28 +253,28 @@ const LINGER: Duration = Duration::from_secs(2);
 /// The outbox's writer: writes queued frames as they come, several to a
 /// system call, straight from the queue (no write buffer). Ends when the
 /// outbox is finished and written, or on a write error; then half-closes
-/// and lingers (see [`LINGER`]).
+/// and lingers (see [`linger`]).
 async fn write_out(io: Rc<TcpStream>, state: Rc<RefCell<OutboxState>>, open: OpenGuard) {
     let result = write_frames(&io, &state).await;
     // Written (or failed): a graceful shutdown need not wait for the linger.
     drop(open);
-    {
-        let mut s = state.borrow_mut();
-        s.writer_alive = false;
-        if result.is_err() {
-            s.fail();
-        }
-    }
     match result {
-        Ok(()) => {
-            let _ = nix::sys::socket::shutdown(io.as_raw_fd(), nix::sys::socket::Shutdown::Write);
-            let _ = tokio::time::timeout(LINGER, discard_until_eof(&io)).await;
-        }
-        // The inbox (if the session still reads) sees the connection end.
+        Ok(()) => linger(&io).await,
         Err(_) => {
-            let _ = nix::sys::socket::shutdown(io.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            state.borrow_mut().fail();
+            // The inbox (if the session still reads) sees the connection end.
+            let _ = socket2::SockRef::from(&*io).shutdown(std::net::Shutdown::Both);
         }
     }
+}
+
+/// Half-closes a connection whose last bytes are written, then reads and
+/// drops what the peer still sends until it closes, for at most [`LINGER`]:
+/// closing with unread input would answer with a reset, which can destroy
+/// our last bytes before the peer has read them.
+pub async fn linger(io: &TcpStream) {
+    let _ = socket2::SockRef::from(io).shutdown(std::net::Shutdown::Write);
+    let _ = tokio::time::timeout(LINGER, discard_until_eof(io)).await;
 }
 
 async fn write_frames(io: &TcpStream, state: &RefCell<OutboxState>) -> io::Result<()> {
