@@ -119,7 +119,9 @@ async fn refuse(
     Pin::new(&mut framed).write(h1::Message::Chunk(None))?;
     flush(&mut framed).await?;
     // The client may have sent more (frames, a body) that nobody reads.
-    super::transport::linger(&framed.into_parts().io).await;
+    // Boxed, so the state of every upgrade (and of the connection's task)
+    // does not grow by it.
+    Box::pin(super::transport::linger(&framed.into_parts().io)).await;
     Ok(())
 }
 

@@ -259,7 +259,9 @@ async fn write_out(io: Rc<TcpStream>, state: Rc<RefCell<OutboxState>>, open: Ope
     // Written (or failed): a graceful shutdown need not wait for the linger.
     drop(open);
     match result {
-        Ok(()) => linger(&io).await,
+        // Boxed: only a connection that gets this far pays for its state,
+        // not every idle writer task.
+        Ok(()) => Box::pin(linger(&io)).await,
         Err(_) => {
             state.borrow_mut().fail();
             // The inbox (if the session still reads) sees the connection end.
@@ -316,12 +318,11 @@ async fn write_frames(io: &TcpStream, state: &RefCell<OutboxState>) -> io::Resul
 
 /// Reads and drops whatever the peer still sends, until it closes.
 async fn discard_until_eof(io: &TcpStream) {
-    let mut sink = [0u8; 512];
     loop {
         if io.readable().await.is_err() {
             return;
         }
-        match io.try_read(&mut sink) {
+        match READ_SCRATCH.with_borrow_mut(|sink| io.try_read(sink)) {
             Ok(0) => return,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
