@@ -18,7 +18,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read as _};
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
@@ -29,6 +29,7 @@ use actix_http::ws::{CloseReason, Codec, Frame, Message, OpCode, Parser, Protoco
 use actix_web::rt::net::TcpStream;
 use actix_web::web::{Buf, Bytes, BytesMut};
 use futures_util::Stream;
+use tokio::io::Interest;
 
 use crate::service::state::{OpenConnections, OpenGuard};
 
@@ -343,6 +344,34 @@ thread_local! {
     static READ_SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
 }
 
+/// Reads what the socket holds (up to [`READ_CHUNK`]) onto the end of
+/// `buf`. A read that fills less than the scratch buffer has drained the
+/// socket, so it clears the socket's readiness as tokio's own `poll_read`
+/// does (epoll is edge-triggered: bytes arriving later make it ready again).
+/// `try_read` would clear it only on a second read that says "would block":
+/// one system call more on every wakeup, a visible share of the server's
+/// CPU in an open-loop relay.
+fn read_into(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    READ_SCRATCH.with_borrow_mut(|chunk| {
+        let mut got = 0;
+        let result = io.try_io(Interest::READABLE, || {
+            let n = (&*socket2::SockRef::from(io)).read(chunk)?;
+            got = n;
+            if n > 0 && n < chunk.len() {
+                // Drained: tell tokio so (it clears readiness on this).
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        buf.extend_from_slice(&chunk[..got]);
+        match result {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+            other => other,
+        }
+    })
+}
+
 /// Decodes the socket's bytes into WebSocket frames, one at a time, reading
 /// more only when the buffer holds no whole frame (so a paused reader stops
 /// the socket being read). A protocol error ends the stream. The buffer
@@ -387,12 +416,7 @@ impl Stream for Inbox {
                     return Poll::Pending;
                 }
             }
-            let read = READ_SCRATCH.with_borrow_mut(|chunk| {
-                let n = this.io.try_read(chunk)?;
-                this.buf.extend_from_slice(&chunk[..n]);
-                Ok::<_, io::Error>(n)
-            });
-            match read {
+            match read_into(&this.io, &mut this.buf) {
                 Ok(0) => this.done = true,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
