@@ -1,7 +1,7 @@
 //! What a `DeviceSession` does with each frame from the device: sends,
 //! acks, fragments, pings, close, and frames it cannot use.
 
-use actix::{ActorContext, AsyncContext, Context, Handler, Message, StreamHandler};
+use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, StreamHandler};
 use actix_http::ws::{Frame, Item, ProtocolError};
 use actix_web::web::Bytes;
 use tokio::sync::oneshot;
@@ -9,7 +9,8 @@ use tokio::sync::oneshot;
 use std::rc::Rc;
 
 use super::gate::{InflightGate, RATE_LIMITED_PAUSE};
-use super::session::{close_code, DeviceSession};
+use super::session::{close_code, DeviceSession, MAX_UNSENT_BYTES};
+use super::transport::Outbox;
 use crate::error::ApiError;
 use crate::service::messaging::{self, SendAs};
 use crate::service::state::State;
@@ -160,7 +161,6 @@ impl DeviceSession {
         ctx: &mut Context<Self>,
     ) {
         self.bad_frames = 0;
-        let session = ctx.address();
         spawn_send(
             self.state.clone(),
             SendAs::Device(self.address),
@@ -168,7 +168,7 @@ impl DeviceSession {
             body,
             &mut self.last_routed,
             self.gate.clone(),
-            move |result| session.do_send(Answered { id, result }),
+            answer_into(self.outbox.clone(), ctx.address(), id),
         );
     }
 }
@@ -218,19 +218,39 @@ pub(super) fn spawn_send(
     });
 }
 
-/// A send's answer, back from its task (see [`DeviceSession::on_send`]).
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Answered {
+/// Where a send's task puts its answer: straight into the connection's
+/// outbox (the task runs on the session's thread), not through the
+/// session's mailbox, which cost an actor wakeup and a message per send.
+/// An answer after the session closed its outbox is dropped, as a message
+/// to a stopped session was. If the answer leaves more unsent than
+/// [`MAX_UNSENT_BYTES`], the session is told to cut the connection.
+pub(super) fn answer_into<A>(
+    outbox: Outbox,
+    session: Addr<A>,
     id: serde_json::Number,
-    result: Result<wire::SendResponse, ApiError>,
+) -> impl FnOnce(Result<wire::SendResponse, ApiError>) + 'static
+where
+    A: Actor<Context = Context<A>> + Handler<Overflowed>,
+{
+    move |result| {
+        outbox.text(response_frame(&id, result));
+        if outbox.unsent() > MAX_UNSENT_BYTES {
+            session.do_send(Overflowed);
+        }
+    }
 }
 
-impl Handler<Answered> for DeviceSession {
+/// A send's answer left the outbox over [`MAX_UNSENT_BYTES`] (see
+/// [`answer_into`]): the peer is not reading.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Overflowed;
+
+impl Handler<Overflowed> for DeviceSession {
     type Result = ();
 
-    fn handle(&mut self, msg: Answered, ctx: &mut Context<Self>) {
-        self.send_text(response_frame(&msg.id, msg.result), ctx);
+    fn handle(&mut self, _: Overflowed, ctx: &mut Context<Self>) {
+        self.check_unsent(ctx);
     }
 }
 

@@ -151,6 +151,11 @@ impl DeviceSession {
     /// Queues a text frame; cuts the connection if the peer is not reading.
     pub(super) fn send_text(&mut self, text: String, ctx: &mut Context<Self>) {
         self.outbox.text(text);
+        self.check_unsent(ctx);
+    }
+
+    /// Cuts the connection if its unsent output passed [`MAX_UNSENT_BYTES`].
+    pub(super) fn check_unsent(&mut self, ctx: &mut Context<Self>) {
         if self.outbox.unsent() > MAX_UNSENT_BYTES {
             log::info!(
                 "{}: peer is not reading ({} bytes unsent); cutting the connection",

@@ -12,11 +12,11 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, StreamHandler};
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, StreamHandler};
 use actix_http::ws::{Frame, Item, ProtocolError};
 use tokio::sync::oneshot;
 
-use super::frames::{response_frame, spawn_send, MAX_FRAME_BYTES};
+use super::frames::{answer_into, response_frame, spawn_send, Overflowed, MAX_FRAME_BYTES};
 use super::gate::InflightGate;
 use super::session::MAX_UNSENT_BYTES;
 use super::session::{close_code, CLIENT_TIMEOUT, CLOSE_GRACE, HEARTBEAT_INTERVAL};
@@ -164,7 +164,6 @@ impl SenderSession {
             key,
             client: self.client,
         };
-        let session = ctx.address();
         spawn_send(
             self.state.clone(),
             from,
@@ -172,23 +171,18 @@ impl SenderSession {
             body,
             &mut self.last_routed,
             self.gate.clone(),
-            move |result| session.do_send(Answered { id, result }),
+            answer_into(self.outbox.clone(), ctx.address(), id),
         );
     }
 }
 
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Answered {
-    id: serde_json::Number,
-    result: Result<wire::SendResponse, ApiError>,
-}
-
-impl Handler<Answered> for SenderSession {
+impl Handler<Overflowed> for SenderSession {
     type Result = ();
 
-    fn handle(&mut self, msg: Answered, ctx: &mut Context<Self>) {
-        self.send_text(response_frame(&msg.id, msg.result), ctx);
+    fn handle(&mut self, _: Overflowed, ctx: &mut Context<Self>) {
+        if self.outbox.unsent() > MAX_UNSENT_BYTES {
+            self.abort(ctx);
+        }
     }
 }
 
