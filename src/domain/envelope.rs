@@ -48,20 +48,53 @@ pub struct SharedPayload {
 /// recipient's own prefix followed by a payload shared with every other
 /// copy of the send, so a send to a thousand devices holds and stores that
 /// payload once.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Content {
     Own(Vec<u8>),
+    /// Its own ciphertext, still as the sender's base64 text, checked by
+    /// [`validate_send`]: a standard-base64 text decodes only if it is the
+    /// one encoding of its bytes, so it is exactly what a device must be
+    /// sent. A copy relayed live is thus never decoded and encoded again;
+    /// it is decoded only to be stored. `len` is the decoded length.
+    Base64 {
+        text: String,
+        len: usize,
+    },
     Shared {
         prefix: Vec<u8>,
         shared: Arc<SharedPayload>,
     },
 }
 
+/// Copies are equal if their devices receive the same bytes (a copy as
+/// received and the same copy read back from the mailbox compare equal).
+impl PartialEq for Content {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Content::Base64 { text: a, .. }, Content::Base64 { text: b, .. }) => a == b,
+            (
+                Content::Shared {
+                    prefix: a,
+                    shared: x,
+                },
+                Content::Shared {
+                    prefix: b,
+                    shared: y,
+                },
+            ) => a == b && x == y,
+            _ => self.bytes() == other.bytes(),
+        }
+    }
+}
+
+impl Eq for Content {}
+
 impl Content {
     /// The length of what the device receives.
     pub fn len(&self) -> usize {
         match self {
             Content::Own(bytes) => bytes.len(),
+            Content::Base64 { len, .. } => *len,
             Content::Shared { prefix, shared } => prefix.len() + shared.bytes.len(),
         }
     }
@@ -74,9 +107,43 @@ impl Content {
     pub fn bytes(&self) -> Cow<'_, [u8]> {
         match self {
             Content::Own(bytes) => Cow::Borrowed(bytes),
+            // Checked when the send was validated, so it decodes.
+            Content::Base64 { text, .. } => Cow::Owned(STANDARD.decode(text).unwrap_or_default()),
             Content::Shared { prefix, shared } => Cow::Owned([prefix, &shared.bytes[..]].concat()),
         }
     }
+
+    /// What the device receives, as standard base64 (as it goes on the wire).
+    pub fn base64(&self) -> Cow<'_, str> {
+        match self {
+            Content::Base64 { text, .. } => Cow::Borrowed(text),
+            other => Cow::Owned(STANDARD.encode(other.bytes())),
+        }
+    }
+}
+
+thread_local! {
+    /// Where [`validate_send`] decodes a copy's content only to check it:
+    /// the decoded bytes are not kept (see [`Content::Base64`]), so one
+    /// buffer per thread serves every send.
+    static DECODE_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Above this the scratch buffer is let go after use rather than kept.
+const KEEP_SCRATCH_BYTES: usize = 16 * 1024;
+
+/// The decoded length of `text` if it is standard base64 (canonical, with
+/// padding), `None` if it is not.
+fn decoded_len(text: &str) -> Option<usize> {
+    DECODE_SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        let ok = STANDARD.decode_vec(text.as_bytes(), scratch).is_ok();
+        let len = scratch.len();
+        if scratch.capacity() > KEEP_SCRATCH_BYTES {
+            *scratch = Vec::new();
+        }
+        ok.then_some(len)
+    })
 }
 
 impl From<Vec<u8>> for Content {
@@ -181,20 +248,22 @@ pub fn validate_send(body: RawSend) -> Result<ValidSend, SendRefusal> {
         if m.content.len() > MAX_CONTENT_BYTES.div_ceil(3) * 4 {
             return Err(TooLarge(format!("messages[{i}].content exceeds 256 KiB")));
         }
-        let content = STANDARD
-            .decode(m.content.as_bytes())
-            .map_err(|_| Malformed(format!("messages[{i}].content is not standard base64")))?;
-        if content.is_empty() {
+        let len = decoded_len(&m.content)
+            .ok_or_else(|| Malformed(format!("messages[{i}].content is not standard base64")))?;
+        if len == 0 {
             return Err(Malformed(format!("messages[{i}].content is empty")));
         }
-        if content.len() > MAX_CONTENT_BYTES {
+        if len > MAX_CONTENT_BYTES {
             return Err(TooLarge(format!("messages[{i}].content exceeds 256 KiB")));
         }
         copies.push(DeviceCopy {
             device: DeviceId(m.device_id),
             registration_id: m.registration_id,
             msg_type,
-            content: content.into(),
+            content: Content::Base64 {
+                text: m.content,
+                len,
+            },
         });
     }
     Ok(ValidSend {
@@ -232,6 +301,36 @@ mod tests {
         assert_eq!(send.timestamp, 1);
         assert_eq!(send.copies.len(), 2);
         assert_eq!(send.copies[0].content.bytes(), &b"hi"[..]);
+        assert_eq!(send.copies[0].content.len(), 2);
+    }
+
+    #[test]
+    fn a_valid_copy_keeps_its_text_which_is_the_encoding_of_its_bytes() {
+        let text = STANDARD.encode((0u8..=255).collect::<Vec<_>>());
+        let send = validate_send(body(vec![msg(1, &text)])).unwrap();
+        let content = &send.copies[0].content;
+        assert!(matches!(content, Content::Base64 { .. }));
+        assert_eq!(content.base64(), text.as_str());
+        assert_eq!(content.len(), 256);
+        assert_eq!(STANDARD.encode(content.bytes()), text);
+        // Equal to the same bytes held decoded (as read from the mailbox).
+        assert_eq!(*content, Content::Own((0u8..=255).collect()));
+        assert_ne!(*content, Content::Own(b"other".to_vec()));
+    }
+
+    #[test]
+    fn a_text_that_is_not_the_one_encoding_of_its_bytes_is_refused() {
+        // "aGk=" is "hi"; "aGl=" sets bits the padding says are unused, and
+        // would reach devices as a text that differs from its bytes.
+        for text in ["aGl=", "aGk", "aGk==", "aG k=", "aGk=\n", "aGk-"] {
+            assert!(
+                matches!(
+                    validate_send(body(vec![msg(1, text)])),
+                    Err(SendRefusal::Malformed(_))
+                ),
+                "{text:?} accepted"
+            );
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@
 use diesel::prelude::*;
 use uuid::Uuid;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -256,19 +257,22 @@ fn shared_rows(writes: &[Write<'_>], keys: Option<&StorageKeys>) -> Vec<SharedRo
 /// shared copy's row holds its own prefix and names the shared payload.
 fn row(dest: Address, e: &Envelope, keys: Option<&StorageKeys>) -> Row {
     let (own, shared_id) = match &e.content {
-        Content::Own(bytes) => (bytes, None),
-        Content::Shared { prefix, shared } => (prefix, Some(shared.id.hyphenated().to_string())),
+        Content::Shared { prefix, shared } => (
+            Cow::Borrowed(&prefix[..]),
+            Some(shared.id.hyphenated().to_string()),
+        ),
+        own => (own.bytes(), None),
     };
     let (source, source_device, content, key_id) = match keys {
         None => (
             e.source.map(|s| s.account.as_db()),
             e.source.map(|s| s.device.as_db()),
-            own.clone(),
+            own.into_owned(),
             None,
         ),
         Some(keys) => {
             let aad = mailbox_row_aad(dest, e.guid, e.msg_type, e.timestamp);
-            let (id, sealed) = keys.seal(&aad, &RowPlaintext::encode(e.source, own));
+            let (id, sealed) = keys.seal(&aad, &RowPlaintext::encode(e.source, &own));
             (None, None, sealed, Some(id))
         }
     };

@@ -290,7 +290,7 @@ impl From<&Envelope> for EnvelopeJson {
             msg_type: e.msg_type,
             timestamp: e.timestamp,
             server_timestamp: e.server_timestamp,
-            content: b64(&e.content.bytes()),
+            content: e.content.base64().into_owned(),
         }
     }
 }

@@ -1,8 +1,6 @@
 //! WebSocket frames: parsing what clients send, writing what the server
 //! sends.
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use serde_json::Value;
@@ -230,7 +228,7 @@ pub fn message_frame(e: &Envelope) -> String {
         r#""type":{},"timestamp":{},"serverTimestamp":{},"content":""#,
         e.msg_type, e.timestamp, e.server_timestamp,
     );
-    STANDARD.encode_string(&*e.content.bytes(), &mut out);
+    out.push_str(&e.content.base64());
     out.push_str("\"}}");
     out
 }
