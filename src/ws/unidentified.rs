@@ -60,6 +60,11 @@ impl SenderSession {
 
     fn send_text(&mut self, text: String, ctx: &mut Context<Self>) {
         self.outbox.text(text);
+        self.check_unsent(ctx);
+    }
+
+    /// Cuts the connection if its unsent output passed [`MAX_UNSENT_BYTES`].
+    fn check_unsent(&mut self, ctx: &mut Context<Self>) {
         if self.outbox.unsent() > MAX_UNSENT_BYTES {
             self.abort(ctx);
         }
@@ -180,9 +185,7 @@ impl Handler<Overflowed> for SenderSession {
     type Result = ();
 
     fn handle(&mut self, _: Overflowed, ctx: &mut Context<Self>) {
-        if self.outbox.unsent() > MAX_UNSENT_BYTES {
-            self.abort(ctx);
-        }
+        self.check_unsent(ctx);
     }
 }
 
