@@ -35,4 +35,12 @@ pub mod wire;
 pub mod ws;
 
 pub use app::run;
+
+/// A hash map for the hot path whose keys the server made itself (account
+/// ids and guids are random server-side UUIDs, device ids are small): no
+/// client picks them, so SipHash's defence against chosen colliding keys
+/// buys nothing there, and it cost several hashes per relayed message.
+/// Still seeded per map. Maps keyed by what a client sends (IP addresses, rate
+/// limit keys) keep the standard hasher.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub use config::Config;

@@ -14,7 +14,7 @@
 //! before it is answered (`service::cluster`), and while a node cannot hear
 //! those announcements it does not cache at all ([`Directory::distrust`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use super::generations::{Generation, Generations};
 use crate::domain::address::{AccountId, DeviceId};
 use crate::error::ApiError;
 use crate::store::{self, Pool};
+use crate::FastMap;
 
 /// Device id → registration id.
 pub type DeviceSet = Arc<BTreeMap<u32, i64>>;
@@ -32,7 +33,7 @@ const MAX_ENTRIES: usize = 200_000;
 
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<AccountId, (Instant, DeviceSet)>,
+    entries: FastMap<AccountId, (Instant, DeviceSet)>,
     generations: Generations,
     /// Off while this node may be missing other nodes' invalidations.
     distrusted: bool,

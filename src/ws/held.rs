@@ -7,7 +7,7 @@
 //! A pushed mailbox copy is kept only as its guid and size: it is already
 //! stored, and an ack deletes it by guid.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::actors::router::{Deliver, RouteReply};
 use crate::domain::envelope::Envelope;
+use crate::FastMap;
 
 /// Copies one connection may hold unacknowledged.
 pub const MAX_HELD_COPIES: usize = 1_000;
@@ -94,7 +95,7 @@ pub type Spill = (Arc<Envelope>, RouteReply);
 
 #[derive(Default)]
 pub struct Held {
-    pushed: HashMap<Uuid, Pushed>,
+    pushed: FastMap<Uuid, Pushed>,
     /// Live copies that arrived before `queue-empty`, in arrival order.
     buffered: VecDeque<Deliver>,
     /// Ack deadlines of live copies (pushed or buffered), in arrival order,

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::domain::address::{AccountId, Address, DeviceId};
+use crate::FastMap;
 
 /// Devices whose counts are kept at most; past it, unreserved ones are
 /// forgotten (and read again when next needed).
@@ -35,7 +36,7 @@ struct Slot {
 pub struct Quota {
     cap: i64,
     ttl: Duration,
-    slots: Mutex<HashMap<Address, Slot>>,
+    slots: Mutex<FastMap<Address, Slot>>,
 }
 
 /// The outcome of [`Quota::reserve`].
@@ -53,11 +54,11 @@ impl Quota {
         Arc::new(Quota {
             cap: i64::try_from(cap).unwrap_or(i64::MAX),
             ttl,
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::new(FastMap::default()),
         })
     }
 
-    fn slots(&self) -> MutexGuard<'_, HashMap<Address, Slot>> {
+    fn slots(&self) -> MutexGuard<'_, FastMap<Address, Slot>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -24,17 +24,17 @@
 //!   and each copy is queued (to a session or to the writer) before the
 //!   next is looked up, so two copies to one device never overtake.
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
 use actix::Recipient;
 
 use super::messages::Deliver;
 use crate::domain::address::Address;
+use crate::FastMap;
 
 /// The connected devices' sessions (see the module comment).
 #[derive(Clone, Default)]
-pub struct Live(Arc<RwLock<HashMap<Address, Recipient<Deliver>>>>);
+pub struct Live(Arc<RwLock<FastMap<Address, Recipient<Deliver>>>>);
 
 impl Live {
     /// Queues `copy` to `dest`'s session if it has one; otherwise calls
@@ -54,7 +54,7 @@ impl Live {
 
     /// The router's side: held while it changes who is connected and sends
     /// the messages that go with the change.
-    pub(super) fn write(&self) -> RwLockWriteGuard<'_, HashMap<Address, Recipient<Deliver>>> {
+    pub(super) fn write(&self) -> RwLockWriteGuard<'_, FastMap<Address, Recipient<Deliver>>> {
         self.0.write().unwrap_or_else(|e| e.into_inner())
     }
 }
