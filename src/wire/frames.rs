@@ -202,14 +202,20 @@ pub fn parse_client_frame_in_two(text: &str) -> ClientFrame {
     }
 }
 
-/// The `message` frame for `e`, written straight into one buffer of the
-/// right size: this runs once per delivered copy, and going through
+/// The `message` frame for `e`.
+pub fn message_frame(e: &Envelope) -> String {
+    let mut out = String::with_capacity(e.content.len().div_ceil(3) * 4 + 224);
+    write_message_frame(&mut out, e);
+    out
+}
+
+/// Writes the `message` frame for `e` onto `out`, straight from the
+/// envelope: this runs once per delivered copy, and going through
 /// [`EnvelopeJson`] cost four allocations plus a JSON-escape scan of the
 /// base64 content, which never needs escaping. A test pins it to the
 /// serde form.
-pub fn message_frame(e: &Envelope) -> String {
+pub fn write_message_frame(out: &mut String, e: &Envelope) {
     use std::fmt::Write as _;
-    let mut out = String::with_capacity(e.content.len().div_ceil(3) * 4 + 224);
     // Writing into a String cannot fail.
     let _ = write!(
         out,
@@ -230,15 +236,20 @@ pub fn message_frame(e: &Envelope) -> String {
     );
     out.push_str(&e.content.base64());
     out.push_str("\"}}");
+}
+
+/// The `200` answer to a `send` frame.
+pub fn send_response_frame(id: &serde_json::Number, r: &SendResponse) -> String {
+    let mut out = String::with_capacity(64 + r.results.len() * 96);
+    write_send_response_frame(&mut out, id, r);
     out
 }
 
-/// The `200` answer to a `send` frame, written straight into one buffer
-/// like [`message_frame`] (it runs once per send). A test pins it to the
+/// Writes the `200` answer to a `send` frame onto `out`, straight like
+/// [`write_message_frame`] (it runs once per send). A test pins it to the
 /// serde form.
-pub fn send_response_frame(id: &serde_json::Number, r: &SendResponse) -> String {
+pub fn write_send_response_frame(out: &mut String, id: &serde_json::Number, r: &SendResponse) {
     use std::fmt::Write as _;
-    let mut out = String::with_capacity(64 + r.results.len() * 96);
     // Writing into a String cannot fail.
     let _ = write!(
         out,
@@ -257,7 +268,6 @@ pub fn send_response_frame(id: &serde_json::Number, r: &SendResponse) -> String 
         );
     }
     out.push_str("]}}");
-    out
 }
 
 /// A `response` frame whose body is serialised once, straight from `body`

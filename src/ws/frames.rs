@@ -1,7 +1,9 @@
 //! What a `DeviceSession` does with each frame from the device: sends,
 //! acks, fragments, pings, close, and frames it cannot use.
 
-use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, StreamHandler};
+use actix::{
+    Actor, ActorContext, AsyncContext, Context, Handler, Message, StreamHandler, WeakAddr,
+};
 use actix_http::ws::{Frame, Item, ProtocolError};
 use actix_web::web::Bytes;
 use tokio::sync::oneshot;
@@ -39,10 +41,10 @@ impl StreamHandler<Result<Frame, ProtocolError>> for DeviceSession {
         match frame {
             // RFC 6455 §8.1: a text frame that is not UTF-8 fails the
             // connection. (Reassembled fragments get an error frame instead.)
-            Frame::Text(bytes) if std::str::from_utf8(&bytes).is_err() => {
-                self.close(close_code::INVALID_DATA, "text frame is not UTF-8", ctx)
-            }
-            Frame::Text(bytes) => self.on_message(&bytes, ctx),
+            Frame::Text(bytes) => match std::str::from_utf8(&bytes) {
+                Ok(text) => self.on_text(text, ctx),
+                Err(_) => self.close(close_code::INVALID_DATA, "text frame is not UTF-8", ctx),
+            },
             Frame::Binary(_) => self.bad_frame("frames are JSON text", ctx),
             Frame::Continuation(item) => self.on_fragment(item, ctx),
             Frame::Ping(payload) => self.outbox.pong(payload),
@@ -61,11 +63,16 @@ impl StreamHandler<Result<Frame, ProtocolError>> for DeviceSession {
 }
 
 impl DeviceSession {
-    /// A whole text message (one frame, or reassembled fragments).
+    /// A text message reassembled from fragments (its UTF-8 not yet checked).
     fn on_message(&mut self, bytes: &[u8], ctx: &mut Context<Self>) {
-        let Ok(text) = std::str::from_utf8(bytes) else {
-            return self.bad_frame("text frame is not UTF-8", ctx);
-        };
+        match std::str::from_utf8(bytes) {
+            Ok(text) => self.on_text(text, ctx),
+            Err(_) => self.bad_frame("text frame is not UTF-8", ctx),
+        }
+    }
+
+    /// A whole text message, valid UTF-8.
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
         if text.len() > MAX_SEND_BYTES {
             // Answered like an oversize HTTP body, where the id can be read.
             return match wire::frame_id(text) {
@@ -168,7 +175,7 @@ impl DeviceSession {
             body,
             &mut self.last_routed,
             self.gate.clone(),
-            answer_into(self.outbox.clone(), ctx.address(), id),
+            answer_into(self.outbox.clone(), own_address(&mut self.me, ctx), id),
         );
     }
 }
@@ -231,18 +238,30 @@ pub(super) fn spawn_send(
 /// [`MAX_UNSENT_BYTES`], the session is told to cut the connection.
 pub(super) fn answer_into<A>(
     outbox: Outbox,
-    session: Addr<A>,
+    session: WeakAddr<A>,
     id: serde_json::Number,
 ) -> impl FnOnce(Result<wire::SendResponse, ApiError>) + 'static
 where
     A: Actor<Context = Context<A>> + Handler<Overflowed>,
 {
     move |result| {
-        outbox.text(response_frame(&id, result));
+        outbox.text_with(|out| write_response_frame(out, &id, result));
         if outbox.unsent() > MAX_UNSENT_BYTES {
-            session.do_send(Overflowed);
+            if let Some(session) = session.upgrade() {
+                session.do_send(Overflowed);
+            }
         }
     }
+}
+
+/// The session's own address, made on its first send and kept (weak, so
+/// it does not keep the session's mailbox open): `ctx.address()` makes a
+/// new sender, two allocations, every time.
+pub(super) fn own_address<A>(me: &mut Option<WeakAddr<A>>, ctx: &Context<A>) -> WeakAddr<A>
+where
+    A: Actor<Context = Context<A>>,
+{
+    me.get_or_insert_with(|| ctx.address().downgrade()).clone()
 }
 
 /// A send's answer left the outbox over [`MAX_UNSENT_BYTES`] (see
@@ -263,8 +282,18 @@ pub(super) fn response_frame(
     id: &serde_json::Number,
     result: Result<wire::SendResponse, ApiError>,
 ) -> String {
+    let mut out = String::new();
+    write_response_frame(&mut out, id, result);
+    out
+}
+
+fn write_response_frame(
+    out: &mut String,
+    id: &serde_json::Number,
+    result: Result<wire::SendResponse, ApiError>,
+) {
     match result {
-        Ok(r) => wire::send_response_frame(id, &r),
-        Err(e) => wire::response_frame(id, e.status().as_u16(), &e.body()),
+        Ok(r) => wire::write_send_response_frame(out, id, &r),
+        Err(e) => out.push_str(&wire::response_frame(id, e.status().as_u16(), &e.body())),
     }
 }

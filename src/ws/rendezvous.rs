@@ -185,7 +185,9 @@ impl StreamHandler<Result<Frame, ProtocolError>> for RendezvousSession {
             Frame::Binary(_) if self.fragments.is_some() => {
                 self.close(close_code::PROTOCOL_ERROR, "bad fragment", ctx)
             }
-            Frame::Binary(bytes) => self.relay(bytes),
+            // Copied: a frame shares the thread's read buffer (see
+            // `transport::Inbox`), which must not wait on the other side.
+            Frame::Binary(bytes) => self.relay(Bytes::copy_from_slice(&bytes)),
             Frame::Text(_) => self.close(
                 close_code::UNSUPPORTED_DATA,
                 "text frames are the server's",
@@ -212,8 +214,8 @@ impl Handler<ToSide> for RendezvousSession {
     fn handle(&mut self, msg: ToSide, ctx: &mut Context<Self>) {
         match msg {
             ToSide::Frame(bytes) => self.outbox.binary(bytes),
-            ToSide::PeerJoined => self.outbox.text(PEER_JOINED_FRAME.to_owned()),
-            ToSide::PeerLeft => self.outbox.text(PEER_LEFT_FRAME.to_owned()),
+            ToSide::PeerJoined => self.outbox.text(PEER_JOINED_FRAME),
+            ToSide::PeerLeft => self.outbox.text(PEER_LEFT_FRAME),
             ToSide::End(EndReason::Expired) => {
                 return self.close(close_code::NORMAL, "channel expired", ctx)
             }

@@ -145,11 +145,10 @@ impl DeviceSession {
     fn go_live(&mut self, ctx: &mut Context<Self>) {
         self.send_text(ServerFrame::QueueEmpty.to_text(), ctx);
         self.phase = Phase::Live;
-        let mut frames = Vec::new();
-        self.held
-            .flush_buffered(|envelope| frames.push(wire::message_frame(envelope)));
-        for frame in frames {
-            self.send_text(frame, ctx);
-        }
+        let outbox = &self.outbox;
+        self.held.flush_buffered(|envelope| {
+            outbox.text_with(|out| wire::write_message_frame(out, envelope))
+        });
+        self.check_unsent(ctx);
     }
 }

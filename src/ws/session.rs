@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use actix::{
     Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Running, SpawnHandle,
-    WrapFuture,
+    WeakAddr, WrapFuture,
 };
 use actix_http::ws::{CloseCode, CloseReason};
 use tokio::sync::oneshot;
@@ -120,6 +120,9 @@ pub struct DeviceSession {
     /// The rest of a refused fragmented message is skipped, so one bad
     /// message earns one error frame, not one per fragment.
     pub(super) skipping_fragments: bool,
+    /// This session's own address, for its sends' answers (see
+    /// [`super::frames::answer_into`]); made once.
+    pub(super) me: Option<WeakAddr<Self>>,
 }
 
 impl DeviceSession {
@@ -145,12 +148,13 @@ impl DeviceSession {
             bad_frames: 0,
             fragments: None,
             skipping_fragments: false,
+            me: None,
         }
     }
 
     /// Queues a text frame; cuts the connection if the peer is not reading.
     pub(super) fn send_text(&mut self, text: String, ctx: &mut Context<Self>) {
-        self.outbox.text(text);
+        self.outbox.text(&text);
         self.check_unsent(ctx);
     }
 
@@ -167,7 +171,9 @@ impl DeviceSession {
     }
 
     pub(super) fn push(&mut self, envelope: &Envelope, ctx: &mut Context<Self>) {
-        self.send_text(wire::message_frame(envelope), ctx);
+        self.outbox
+            .text_with(|out| wire::write_message_frame(out, envelope));
+        self.check_unsent(ctx);
     }
 
     fn deadline(&self) -> Instant {

@@ -18,7 +18,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read as _};
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
@@ -51,6 +51,7 @@ pub fn open(conn: Connection, max_frame: usize, open: &OpenConnections) -> (Inbo
     let inbox = Inbox {
         io,
         buf: conn.read,
+        borrowed: false,
         codec: Codec::new().max_size(max_frame),
         done: false,
     };
@@ -152,7 +153,7 @@ impl Outbox {
     /// rather than as a `Message::Text` through the codec: turning the
     /// `String` into a `ByteString` allocated a shared header for every
     /// frame (its capacity is rarely its length).
-    pub fn text(&self, text: String) {
+    pub fn text(&self, text: &str) {
         let mut s = self.0.borrow_mut();
         if s.finished {
             return;
@@ -161,6 +162,22 @@ impl Outbox {
         // A server's frames are not masked (RFC 6455 §5.1).
         Parser::write_message(&mut frame, text.as_bytes(), OpCode::Text, true, false);
         s.push(frame.freeze());
+    }
+
+    /// Queues the text frame `write` writes, written first into the
+    /// thread's scratch string: the frame's one allocation is then its own
+    /// buffer, not a `String` as well (two per relayed message saved).
+    /// `write` must not queue frames itself.
+    pub fn text_with(&self, write: impl FnOnce(&mut String)) {
+        TEXT_SCRATCH.with_borrow_mut(|text| {
+            text.clear();
+            write(text);
+            self.text(text);
+            if text.capacity() > TEXT_SCRATCH_KEPT {
+                // A large frame's buffer is not kept for the thread's life.
+                *text = String::new();
+            }
+        });
     }
 
     pub fn binary(&self, bytes: Bytes) {
@@ -226,6 +243,14 @@ impl Outbox {
         }
     }
 }
+
+thread_local! {
+    /// Where [`Outbox::text_with`] writes a frame's text before framing it.
+    static TEXT_SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// The largest scratch string kept between frames.
+const TEXT_SCRATCH_KEPT: usize = 64 * 1024;
 
 /// After a session has stopped: a peer that does not read never takes the
 /// close frame, so the connection is reset `grace` later if what was queued
@@ -323,7 +348,13 @@ async fn discard_until_eof(io: &TcpStream) {
         if io.readable().await.is_err() {
             return;
         }
-        match READ_SCRATCH.with_borrow_mut(|sink| io.try_read(sink)) {
+        let read = READ_SCRATCH.with_borrow_mut(|sink| {
+            scratch_with_room(sink);
+            let n = io.try_read_buf(sink);
+            sink.clear();
+            n
+        });
+        match read {
             Ok(0) => return,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -332,39 +363,59 @@ async fn discard_until_eof(io: &TcpStream) {
     }
 }
 
-/// The most read from the socket at once (into the thread's scratch buffer,
-/// then copied to the connection's buffer, sized to what came).
+/// The most read from the socket at once (into the thread's scratch buffer).
 const READ_CHUNK: usize = 8 * 1024;
 
 thread_local! {
-    /// Every connection on a thread reads through this one buffer: a fresh
-    /// 8 KiB buffer per read cost a large allocation each time (glibc
-    /// consolidates its free lists for every one), and one on the stack
-    /// would be zeroed each time.
-    static READ_SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+    /// Every connection on a thread reads into this one buffer. A read into
+    /// an empty inbox becomes the inbox's buffer without a copy: its frames
+    /// share the scratch's storage, and are gone (handled) before the next
+    /// read on the thread in the usual case, which then reuses that storage
+    /// ([`BytesMut::try_reclaim`]). A fresh buffer per read cost a large
+    /// allocation each time (glibc consolidates its free lists for every
+    /// one), as did copying each read into a buffer of its own.
+    static READ_SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
-/// Reads what the socket holds (up to [`READ_CHUNK`]) onto the end of
-/// `buf`. A read that fills less than the scratch buffer has drained the
-/// socket, so it clears the socket's readiness as tokio's own `poll_read`
-/// does (epoll is edge-triggered: bytes arriving later make it ready again).
-/// `try_read` would clear it only on a second read that says "would block":
-/// one system call more on every wakeup, a visible share of the server's
-/// CPU in an open-loop relay.
-fn read_into(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    READ_SCRATCH.with_borrow_mut(|chunk| {
+/// The scratch buffer, with room for a read: its storage reclaimed if no
+/// frame holds part of it any more, else new storage (frames still held,
+/// say by a session whose gate is closed, keep the old one until they go).
+fn scratch_with_room(scratch: &mut BytesMut) {
+    if !scratch.try_reclaim(READ_CHUNK) && scratch.capacity() < READ_CHUNK / 4 {
+        *scratch = BytesMut::with_capacity(READ_CHUNK);
+    }
+}
+
+/// Reads what the socket holds (as much as the scratch buffer has room
+/// for) onto the end of `buf`; `borrowed` is set when `buf` was empty and
+/// now shares the scratch's storage. A read that fills less than the room
+/// it had has drained the socket, so it clears the socket's readiness as
+/// tokio's own `poll_read` does (epoll is edge-triggered: bytes arriving
+/// later make it ready again). `try_read` would clear it only on a second
+/// read that says "would block": one system call more on every wakeup, a
+/// visible share of the server's CPU in an open-loop relay.
+fn read_into(io: &TcpStream, buf: &mut BytesMut, borrowed: &mut bool) -> io::Result<usize> {
+    READ_SCRATCH.with_borrow_mut(|scratch| {
+        scratch_with_room(scratch);
+        let room = scratch.capacity() - scratch.len();
         let mut got = 0;
         let result = io.try_io(Interest::READABLE, || {
-            let n = (&*socket2::SockRef::from(io)).read(chunk)?;
+            let n = io.try_read_buf(scratch)?;
             got = n;
-            if n > 0 && n < chunk.len() {
+            if n > 0 && n < room {
                 // Drained: tell tokio so (it clears readiness on this).
                 Err(io::ErrorKind::WouldBlock.into())
             } else {
                 Ok(n)
             }
         });
-        buf.extend_from_slice(&chunk[..got]);
+        if buf.is_empty() {
+            *buf = scratch.split_to(got);
+            *borrowed = got > 0;
+        } else {
+            buf.extend_from_slice(&scratch[..got]);
+            scratch.clear();
+        }
         match result {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
             other => other,
@@ -377,10 +428,14 @@ fn read_into(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 /// the socket being read). A protocol error ends the stream. The buffer
 /// holds only what was read and not yet decoded, and is let go whenever it
 /// is empty and the socket has nothing to read: an idle connection holds
-/// none.
+/// none. A read into an empty buffer is the thread's scratch storage (see
+/// [`READ_SCRATCH`]); the part of a frame left in it when the socket is
+/// drained is copied out, so an idle connection never holds that storage.
 pub struct Inbox {
     io: Rc<TcpStream>,
     buf: BytesMut,
+    /// `buf` shares the thread's scratch storage.
+    borrowed: bool,
     codec: Codec,
     done: bool,
 }
@@ -412,11 +467,17 @@ impl Stream for Inbox {
                 Poll::Pending => {
                     if this.buf.is_empty() {
                         this.buf = BytesMut::new();
+                    } else if this.borrowed && this.buf.capacity() == this.buf.len() {
+                        // Part of a frame's head, still in the scratch
+                        // storage. (A longer part has already been moved
+                        // out: the codec reserved room for the whole frame.)
+                        this.buf = BytesMut::from(&this.buf[..]);
                     }
+                    this.borrowed = false;
                     return Poll::Pending;
                 }
             }
-            match read_into(&this.io, &mut this.buf) {
+            match read_into(&this.io, &mut this.buf, &mut this.borrowed) {
                 Ok(0) => this.done = true,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -12,11 +12,13 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use actix::{Actor, ActorContext, AsyncContext, Context, Handler, StreamHandler};
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, StreamHandler, WeakAddr};
 use actix_http::ws::{Frame, Item, ProtocolError};
 use tokio::sync::oneshot;
 
-use super::frames::{answer_into, response_frame, spawn_send, Overflowed, MAX_FRAME_BYTES};
+use super::frames::{
+    answer_into, own_address, response_frame, spawn_send, Overflowed, MAX_FRAME_BYTES,
+};
 use super::gate::InflightGate;
 use super::session::MAX_UNSENT_BYTES;
 use super::session::{close_code, CLIENT_TIMEOUT, CLOSE_GRACE, HEARTBEAT_INTERVAL};
@@ -42,6 +44,9 @@ pub struct SenderSession {
     bad_frames: u32,
     /// A text message arriving in fragments; `None` while skipping one.
     fragments: Option<Vec<u8>>,
+    /// This session's own address, for its sends' answers (see
+    /// [`answer_into`]); made once.
+    me: Option<WeakAddr<Self>>,
 }
 
 impl SenderSession {
@@ -55,11 +60,12 @@ impl SenderSession {
             last_routed: None,
             bad_frames: 0,
             fragments: None,
+            me: None,
         }
     }
 
     fn send_text(&mut self, text: String, ctx: &mut Context<Self>) {
-        self.outbox.text(text);
+        self.outbox.text(&text);
         self.check_unsent(ctx);
     }
 
@@ -91,10 +97,16 @@ impl SenderSession {
         }
     }
 
+    /// A text message reassembled from fragments (its UTF-8 not yet checked).
     fn on_message(&mut self, bytes: &[u8], ctx: &mut Context<Self>) {
-        let Ok(text) = std::str::from_utf8(bytes) else {
-            return self.bad_frame("text frame is not UTF-8", ctx);
-        };
+        match std::str::from_utf8(bytes) {
+            Ok(text) => self.on_text(text, ctx),
+            Err(_) => self.bad_frame("text frame is not UTF-8", ctx),
+        }
+    }
+
+    /// A whole text message, valid UTF-8.
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
         if text.len() > MAX_SEND_BYTES {
             return match wire::frame_id(text) {
                 Some(id) => {
@@ -176,7 +188,7 @@ impl SenderSession {
             body,
             &mut self.last_routed,
             self.gate.clone(),
-            answer_into(self.outbox.clone(), ctx.address(), id),
+            answer_into(self.outbox.clone(), own_address(&mut self.me, ctx), id),
         );
     }
 }
@@ -220,10 +232,10 @@ impl StreamHandler<Result<Frame, ProtocolError>> for SenderSession {
             Err(_) => return self.close(close_code::PROTOCOL_ERROR, "protocol error", ctx),
         };
         match frame {
-            Frame::Text(bytes) if std::str::from_utf8(&bytes).is_err() => {
-                self.close(close_code::INVALID_DATA, "text frame is not UTF-8", ctx)
-            }
-            Frame::Text(bytes) => self.on_message(&bytes, ctx),
+            Frame::Text(bytes) => match std::str::from_utf8(&bytes) {
+                Ok(text) => self.on_text(text, ctx),
+                Err(_) => self.close(close_code::INVALID_DATA, "text frame is not UTF-8", ctx),
+            },
             Frame::Binary(_) => self.bad_frame("frames are JSON text", ctx),
             Frame::Continuation(item) => self.on_fragment(item, ctx),
             Frame::Ping(payload) => self.outbox.pong(payload),
