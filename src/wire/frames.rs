@@ -204,7 +204,7 @@ pub fn parse_client_frame_in_two(text: &str) -> ClientFrame {
 
 /// The `message` frame for `e`.
 pub fn message_frame(e: &Envelope) -> String {
-    let mut out = String::with_capacity(e.content.len().div_ceil(3) * 4 + 224);
+    let mut out = String::new();
     write_message_frame(&mut out, e);
     out
 }
@@ -216,6 +216,9 @@ pub fn message_frame(e: &Envelope) -> String {
 /// serde form.
 pub fn write_message_frame(out: &mut String, e: &Envelope) {
     use std::fmt::Write as _;
+    // Room for the whole frame at once: base64 content plus at most ~220
+    // bytes of the rest.
+    out.reserve(e.content.len().div_ceil(3) * 4 + 224);
     // Writing into a String cannot fail.
     let _ = write!(
         out,
@@ -240,7 +243,7 @@ pub fn write_message_frame(out: &mut String, e: &Envelope) {
 
 /// The `200` answer to a `send` frame.
 pub fn send_response_frame(id: &serde_json::Number, r: &SendResponse) -> String {
-    let mut out = String::with_capacity(64 + r.results.len() * 96);
+    let mut out = String::new();
     write_send_response_frame(&mut out, id, r);
     out
 }
@@ -250,6 +253,7 @@ pub fn send_response_frame(id: &serde_json::Number, r: &SendResponse) -> String 
 /// serde form.
 pub fn write_send_response_frame(out: &mut String, id: &serde_json::Number, r: &SendResponse) {
     use std::fmt::Write as _;
+    out.reserve(64 + r.results.len() * 96);
     // Writing into a String cannot fail.
     let _ = write!(
         out,

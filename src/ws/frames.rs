@@ -282,9 +282,10 @@ pub(super) fn response_frame(
     id: &serde_json::Number,
     result: Result<wire::SendResponse, ApiError>,
 ) -> String {
-    let mut out = String::new();
-    write_response_frame(&mut out, id, result);
-    out
+    match result {
+        Ok(r) => wire::send_response_frame(id, &r),
+        Err(e) => wire::response_frame(id, e.status().as_u16(), &e.body()),
+    }
 }
 
 fn write_response_frame(

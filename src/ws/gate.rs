@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 
+use super::transport::Inbox;
+
 /// How long a connection's frames go unread after one of its sends was
 /// refused by the rate limit. Without it a client that ignores `429` keeps
 /// the server answering refusals as fast as it can write them, and everyone
@@ -61,16 +63,16 @@ impl InflightGate {
     }
 }
 
-/// A stream read only while the gate is open.
-pub struct GatedStream<S> {
-    inner: S,
+/// The connection's frames, read only while the gate is open.
+pub struct GatedStream {
+    inner: Inbox,
     gate: Rc<InflightGate>,
     /// The timer of a pause (see [`InflightGate::pause`]).
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<S> GatedStream<S> {
-    pub fn new(inner: S, gate: Rc<InflightGate>) -> Self {
+impl GatedStream {
+    pub fn new(inner: Inbox, gate: Rc<InflightGate>) -> Self {
         GatedStream {
             inner,
             gate,
@@ -79,8 +81,8 @@ impl<S> GatedStream<S> {
     }
 }
 
-impl<S: Stream + Unpin> Stream for GatedStream<S> {
-    type Item = S::Item;
+impl Stream for GatedStream {
+    type Item = <Inbox as Stream>::Item;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(until) = self.gate.paused_until.get() {
@@ -92,6 +94,7 @@ impl<S: Stream + Unpin> Stream for GatedStream<S> {
                 sleep.as_mut().reset(deadline);
             }
             if std::future::Future::poll(sleep.as_mut(), cx).is_pending() {
+                self.inner.detach();
                 return Poll::Pending;
             }
             self.sleep = None;
@@ -99,6 +102,9 @@ impl<S: Stream + Unpin> Stream for GatedStream<S> {
         }
         if self.gate.count.get() >= self.gate.max {
             *self.gate.waker.borrow_mut() = Some(cx.waker().clone());
+            // Closed for a while: what the inbox holds must not keep the
+            // thread's read storage.
+            self.inner.detach();
             return Poll::Pending;
         }
         Pin::new(&mut self.inner).poll_next(cx)

@@ -22,7 +22,7 @@ use actix_web::web::{Bytes, BytesMut};
 use actix_web::{HttpRequest, HttpResponse};
 
 use super::session::{close_code, CLIENT_TIMEOUT, CLOSE_GRACE, HEARTBEAT_INTERVAL};
-use super::transport::{finish_or_cut, Outbox};
+use super::transport::{self, finish_or_cut, Outbox};
 use crate::actors::rendezvous::{EndReason, HubLink, Leave, Relay, SideRef, ToSide};
 use crate::domain::address::Address;
 use crate::domain::rendezvous::MAX_FRAME_BYTES;
@@ -185,9 +185,8 @@ impl StreamHandler<Result<Frame, ProtocolError>> for RendezvousSession {
             Frame::Binary(_) if self.fragments.is_some() => {
                 self.close(close_code::PROTOCOL_ERROR, "bad fragment", ctx)
             }
-            // Copied: a frame shares the thread's read buffer (see
-            // `transport::Inbox`), which must not wait on the other side.
-            Frame::Binary(bytes) => self.relay(Bytes::copy_from_slice(&bytes)),
+            // The thread's read storage must not wait on the other side.
+            Frame::Binary(bytes) => self.relay(transport::owned(bytes)),
             Frame::Text(_) => self.close(
                 close_code::UNSUPPORTED_DATA,
                 "text frames are the server's",

@@ -18,7 +18,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read as _};
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
@@ -348,13 +348,7 @@ async fn discard_until_eof(io: &TcpStream) {
         if io.readable().await.is_err() {
             return;
         }
-        let read = READ_SCRATCH.with_borrow_mut(|sink| {
-            scratch_with_room(sink);
-            let n = io.try_read_buf(sink);
-            sink.clear();
-            n
-        });
-        match read {
+        match READ_SCRATCH.with_borrow_mut(|s| io.try_read(&mut s.chunk)) {
             Ok(0) => return,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -363,58 +357,76 @@ async fn discard_until_eof(io: &TcpStream) {
     }
 }
 
-/// The most read from the socket at once (into the thread's scratch buffer).
+/// The most read from the socket at once.
 const READ_CHUNK: usize = 8 * 1024;
 
-thread_local! {
-    /// Every connection on a thread reads into this one buffer. A read into
-    /// an empty inbox becomes the inbox's buffer without a copy: its frames
-    /// share the scratch's storage, and are gone (handled) before the next
-    /// read on the thread in the usual case, which then reuses that storage
-    /// ([`BytesMut::try_reclaim`]). A fresh buffer per read cost a large
-    /// allocation each time (glibc consolidates its free lists for every
-    /// one), as did copying each read into a buffer of its own.
-    static READ_SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+/// Every connection of a thread reads through these.
+struct ReadScratch {
+    /// What a read lands in: one buffer, zeroed once (a fresh 8 KiB buffer
+    /// per read cost a large allocation each time, one on the stack would
+    /// be zeroed each time).
+    chunk: Box<[u8]>,
+    /// Where a read into an empty inbox is copied to, to become the inbox's
+    /// buffer: its frames share this storage, and are handled before the
+    /// thread's next read in the usual case, which then reuses it
+    /// ([`BytesMut::try_reclaim`]). Copying each read into a buffer of its
+    /// own cost an allocation per read, a large one (glibc consolidates its
+    /// free lists for each) whenever it held several frames.
+    frames: BytesMut,
 }
 
-/// The scratch buffer, with room for a read: its storage reclaimed if no
-/// frame holds part of it any more, else new storage (frames still held,
-/// say by a session whose gate is closed, keep the old one until they go).
-fn scratch_with_room(scratch: &mut BytesMut) {
-    if !scratch.try_reclaim(READ_CHUNK) && scratch.capacity() < READ_CHUNK / 4 {
-        *scratch = BytesMut::with_capacity(READ_CHUNK);
+thread_local! {
+    static READ_SCRATCH: RefCell<ReadScratch> = RefCell::new(ReadScratch {
+        chunk: vec![0; READ_CHUNK].into_boxed_slice(),
+        frames: BytesMut::new(),
+    });
+}
+
+/// `frames` with room for `n` more bytes: its storage reclaimed if nothing
+/// holds part of it any more, else new storage (an inbox still holding
+/// frames from an earlier read keeps the old storage until they are
+/// handled, or copied out, see [`Inbox::detach`]).
+fn frames_with_room(frames: &mut BytesMut, n: usize) {
+    if !frames.try_reclaim(n) {
+        // Made empty and grown, not `with_capacity`: a `BytesMut` split
+        // from storage made with a capacity grows any copy of itself to
+        // at least that capacity, so a partial frame copied out of this
+        // would take 8 KiB.
+        *frames = BytesMut::new();
+        frames.reserve(READ_CHUNK);
     }
 }
 
-/// Reads what the socket holds (as much as the scratch buffer has room
-/// for) onto the end of `buf`; `borrowed` is set when `buf` was empty and
-/// now shares the scratch's storage. A read that fills less than the room
-/// it had has drained the socket, so it clears the socket's readiness as
-/// tokio's own `poll_read` does (epoll is edge-triggered: bytes arriving
-/// later make it ready again). `try_read` would clear it only on a second
-/// read that says "would block": one system call more on every wakeup, a
-/// visible share of the server's CPU in an open-loop relay.
+/// Reads what the socket holds (up to [`READ_CHUNK`]) onto the end of
+/// `buf`; `borrowed` is set when `buf` was empty and now shares the
+/// thread's frame storage. A read that fills less than the chunk has
+/// drained the socket, so it clears the socket's readiness as tokio's own
+/// `poll_read` does (epoll is edge-triggered: bytes arriving later make it
+/// ready again). `try_read` would clear it only on a second read that says
+/// "would block": one system call more on every wakeup, a visible share of
+/// the server's CPU in an open-loop relay.
 fn read_into(io: &TcpStream, buf: &mut BytesMut, borrowed: &mut bool) -> io::Result<usize> {
-    READ_SCRATCH.with_borrow_mut(|scratch| {
-        scratch_with_room(scratch);
-        let room = scratch.capacity() - scratch.len();
+    READ_SCRATCH.with_borrow_mut(|s| {
+        let chunk = &mut s.chunk;
         let mut got = 0;
         let result = io.try_io(Interest::READABLE, || {
-            let n = io.try_read_buf(scratch)?;
+            let n = (&*socket2::SockRef::from(io)).read(chunk)?;
             got = n;
-            if n > 0 && n < room {
+            if n > 0 && n < chunk.len() {
                 // Drained: tell tokio so (it clears readiness on this).
                 Err(io::ErrorKind::WouldBlock.into())
             } else {
                 Ok(n)
             }
         });
-        if buf.is_empty() {
-            *buf = scratch.split_to(got);
-            *borrowed = got > 0;
+        let read = &s.chunk[..got];
+        if buf.is_empty() && got > 0 {
+            frames_with_room(&mut s.frames, got);
+            s.frames.extend_from_slice(read);
+            *buf = s.frames.split_to(got);
+            *borrowed = true;
         } else {
-            buf.extend_from_slice(&scratch[..got]);
-            scratch.clear();
+            buf.extend_from_slice(read);
         }
         match result {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
@@ -423,21 +435,52 @@ fn read_into(io: &TcpStream, buf: &mut BytesMut, borrowed: &mut bool) -> io::Res
     })
 }
 
+/// A frame's payload that may be held a while (relayed to another
+/// session): copied if it may share the thread's frame storage (which is
+/// reused once the frames read into it are gone).
+pub fn owned(payload: Bytes) -> Bytes {
+    if payload.len() <= READ_CHUNK {
+        Bytes::copy_from_slice(&payload)
+    } else {
+        payload
+    }
+}
+
 /// Decodes the socket's bytes into WebSocket frames, one at a time, reading
 /// more only when the buffer holds no whole frame (so a paused reader stops
 /// the socket being read). A protocol error ends the stream. The buffer
 /// holds only what was read and not yet decoded, and is let go whenever it
 /// is empty and the socket has nothing to read: an idle connection holds
-/// none. A read into an empty buffer is the thread's scratch storage (see
-/// [`READ_SCRATCH`]); the part of a frame left in it when the socket is
-/// drained is copied out, so an idle connection never holds that storage.
+/// none. A read into an empty buffer becomes a view of the thread's frame
+/// storage (see [`ReadScratch`]); what is left in it when the socket is
+/// drained or the gate closes is copied out ([`Inbox::detach`]), so a
+/// waiting connection never holds that storage.
 pub struct Inbox {
     io: Rc<TcpStream>,
     buf: BytesMut,
-    /// `buf` shares the thread's scratch storage.
+    /// `buf` is a view of the thread's frame storage.
     borrowed: bool,
     codec: Codec,
     done: bool,
+}
+
+impl Inbox {
+    /// Lets go of the thread's frame storage: what is left of a read that
+    /// came into it is copied out, and an empty buffer is let go. Called
+    /// whenever the inbox will not be read for a while (the socket is
+    /// drained, or the session's gate is closed), so that no connection
+    /// holds that storage while it waits.
+    pub fn detach(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        } else if self.borrowed && self.buf.capacity() == self.buf.len() {
+            // Still a view of the storage: whole frames not yet taken, or
+            // part of a frame's head. (Once the codec has reserved room for
+            // the rest of a frame, the buffer is a copy of its own.)
+            self.buf = BytesMut::from(&self.buf[..]);
+        }
+        self.borrowed = false;
+    }
 }
 
 impl Stream for Inbox {
@@ -465,15 +508,7 @@ impl Stream for Inbox {
                     return Poll::Ready(Some(Err(ProtocolError::Io(e))));
                 }
                 Poll::Pending => {
-                    if this.buf.is_empty() {
-                        this.buf = BytesMut::new();
-                    } else if this.borrowed && this.buf.capacity() == this.buf.len() {
-                        // Part of a frame's head, still in the scratch
-                        // storage. (A longer part has already been moved
-                        // out: the codec reserved room for the whole frame.)
-                        this.buf = BytesMut::from(&this.buf[..]);
-                    }
-                    this.borrowed = false;
+                    this.detach();
                     return Poll::Pending;
                 }
             }
