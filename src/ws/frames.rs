@@ -79,7 +79,7 @@ impl DeviceSession {
                 Some(id) => {
                     let refusal =
                         ApiError::TooLarge(format!("frame exceeds {MAX_SEND_BYTES} bytes"));
-                    self.send_text(response_frame(&id, Err(refusal)), ctx);
+                    self.send_text(refusal_frame(&id, &refusal), ctx);
                 }
                 None => self.bad_frame("message too large", ctx),
             };
@@ -96,7 +96,7 @@ impl DeviceSession {
                 let refusal = ApiError::bad_request(
                     "sealed-sender sends go over an unidentified connection, not the device's own",
                 );
-                self.send_text(response_frame(&id, Err(refusal)), ctx);
+                self.send_text(refusal_frame(&id, &refusal), ctx);
             }
             ClientFrame::Send {
                 id,
@@ -106,7 +106,7 @@ impl DeviceSession {
             } => self.on_send(id, destination, body, ctx),
             ClientFrame::InvalidSend { id, reason } => {
                 self.bad_frames = 0;
-                self.send_text(response_frame(&id, Err(ApiError::BadRequest(reason))), ctx);
+                self.send_text(refusal_frame(&id, &ApiError::BadRequest(reason)), ctx);
             }
             ClientFrame::Ack { guid } => {
                 self.on_ack(guid, false, ctx);
@@ -278,16 +278,12 @@ impl Handler<Overflowed> for DeviceSession {
     }
 }
 
-pub(super) fn response_frame(
-    id: &serde_json::Number,
-    result: Result<wire::SendResponse, ApiError>,
-) -> String {
-    match result {
-        Ok(r) => wire::send_response_frame(id, &r),
-        Err(e) => wire::response_frame(id, e.status().as_u16(), &e.body()),
-    }
+/// The `response` frame refusing a send with `e`.
+pub(super) fn refusal_frame(id: &serde_json::Number, e: &ApiError) -> String {
+    wire::response_frame(id, e.status().as_u16(), &e.body())
 }
 
+/// Writes a send's answer onto `out`.
 fn write_response_frame(
     out: &mut String,
     id: &serde_json::Number,
@@ -295,6 +291,6 @@ fn write_response_frame(
 ) {
     match result {
         Ok(r) => wire::write_send_response_frame(out, id, &r),
-        Err(e) => out.push_str(&wire::response_frame(id, e.status().as_u16(), &e.body())),
+        Err(e) => out.push_str(&refusal_frame(id, &e)),
     }
 }

@@ -17,7 +17,7 @@ use actix_http::ws::{Frame, Item, ProtocolError};
 use tokio::sync::oneshot;
 
 use super::frames::{
-    answer_into, own_address, response_frame, spawn_send, Overflowed, MAX_FRAME_BYTES,
+    answer_into, own_address, refusal_frame, spawn_send, Overflowed, MAX_FRAME_BYTES,
 };
 use super::gate::InflightGate;
 use super::session::MAX_UNSENT_BYTES;
@@ -112,7 +112,7 @@ impl SenderSession {
                 Some(id) => {
                     let refusal =
                         ApiError::TooLarge(format!("frame exceeds {MAX_SEND_BYTES} bytes"));
-                    self.send_text(response_frame(&id, Err(refusal)), ctx);
+                    self.send_text(refusal_frame(&id, &refusal), ctx);
                 }
                 None => self.bad_frame("message too large", ctx),
             };
@@ -127,12 +127,12 @@ impl SenderSession {
                 self.bad_frames = 0;
                 match key.as_deref().and_then(access_key) {
                     Some(key) => self.on_send(id, destination, key, body, ctx),
-                    None => self.send_text(response_frame(&id, Err(ApiError::Unauthorized)), ctx),
+                    None => self.send_text(refusal_frame(&id, &ApiError::Unauthorized), ctx),
                 }
             }
             ClientFrame::InvalidSend { id, reason } => {
                 self.bad_frames = 0;
-                self.send_text(response_frame(&id, Err(ApiError::BadRequest(reason))), ctx);
+                self.send_text(refusal_frame(&id, &ApiError::BadRequest(reason)), ctx);
             }
             ClientFrame::Ack { .. } => self.bad_frame(
                 "an unidentified connection receives nothing to acknowledge",
