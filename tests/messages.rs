@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use reqwest::{Method, StatusCode};
@@ -440,7 +440,67 @@ async fn oversize_content_is_413(backend: Backend) {
     assert_eq!(content_of(&m[0]), max);
 }
 
+/// A device set in use is read again before its cache entry expires, and no
+/// send waits for that read: a device linked through another process sharing
+/// the database (not a cluster member, so this server is not told) is in the
+/// Sesame check before the entry's `device_cache_ttl_ms` is over. Before,
+/// the entry was used until it expired and then every send read it again.
+async fn busy_device_set_is_read_again_before_it_expires(backend: Backend) {
+    const TTL: Duration = Duration::from_millis(3_000);
+    let server =
+        TestServer::start_with(backend, |c| c.device_cache_ttl_ms = TTL.as_millis() as u64).await;
+    let other = TestServer::launch_node(server.config.clone()).await;
+    let a = TestDevice::register(&server).await;
+    let b = TestDevice::register(&server).await;
+    let (status, body) = a.send(&b.uuid, &[b.target()], b"caches b's set").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The entry was made before this instant.
+    let cached = Instant::now();
+    let b_elsewhere = TestDevice {
+        base: other.url(""),
+        ..b.clone()
+    };
+    let b2 = b_elsewhere.link().await;
+    let (status, body) = a.send(&b.uuid, &[b.target()], b"fresh entry").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a fresh entry is used as it is: {body}"
+    );
+
+    // Past half the TTL: the send is still checked against the entry (so
+    // it is answered without a read), and starts the read.
+    tokio::time::sleep_until((cached + TTL * 6 / 10).into()).await;
+    let (status, body) = a.send(&b.uuid, &[b.target()], b"due entry").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "an entry due for a read is used: {body}"
+    );
+
+    // The read comes back long before the entry would have expired.
+    loop {
+        let (status, body) = a.send(&b.uuid, &[b.target()], b"after the read").await;
+        if status == StatusCode::CONFLICT {
+            assert_eq!(body["missingDevices"], json!([b2.device_id]), "{body}");
+            break;
+        }
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            cached.elapsed() < TTL * 9 / 10,
+            "the linked device is still unseen near the end of the TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = a
+        .send(&b.uuid, &[b.target(), b2.target()], b"both devices")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    drop(other);
+}
+
 backends!(
+    busy_device_set_is_read_again_before_it_expires,
     offline_copies_survive_restart_and_replay_in_order,
     fetch_pages_oldest_first_with_more_flag,
     delete_acknowledges_once_and_only_own_copies,

@@ -13,9 +13,15 @@
 //! PostgreSQL database as a cluster, every change is announced to every node
 //! before it is answered (`service::cluster`), and while a node cannot hear
 //! those announcements it does not cache at all ([`Directory::distrust`]).
+//!
+//! An entry in use is read again before it expires: a send that finds it
+//! older than half the TTL is checked against it and starts one re-read in
+//! the background. Before, every busy account's entry expired at once every
+//! TTL, and each of its sends meanwhile waited for a database read of its
+//! own (see BENCHMARKS.md): a stall every TTL on every busy conversation.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::generations::{Generation, Generations};
@@ -31,40 +37,92 @@ pub type DeviceSet = Arc<BTreeMap<u32, i64>>;
 /// attacker cannot grow it without bound).
 const MAX_ENTRIES: usize = 200_000;
 
+struct Entry {
+    at: Instant,
+    set: DeviceSet,
+    /// A re-read in the background was started and has not come back.
+    refreshing: bool,
+}
+
 #[derive(Default)]
 struct Inner {
-    entries: FastMap<AccountId, (Instant, DeviceSet)>,
+    entries: FastMap<AccountId, Entry>,
     generations: Generations,
     /// Off while this node may be missing other nodes' invalidations.
     distrusted: bool,
 }
 
+impl Inner {
+    /// Caches what a read begun at `began` found (`None`: no such account),
+    /// unless a change was answered while it was in flight: that change
+    /// may not be in it.
+    fn store(&mut self, account: AccountId, began: Generation, set: Option<&DeviceSet>) {
+        if self.distrusted || !self.generations.unchanged(account, began) {
+            return;
+        }
+        let Some(set) = set else {
+            self.entries.remove(&account);
+            return;
+        };
+        if self.entries.len() >= MAX_ENTRIES {
+            self.entries.clear();
+        }
+        let entry = Entry {
+            at: Instant::now(),
+            set: set.clone(),
+            refreshing: false,
+        };
+        self.entries.insert(account, entry);
+    }
+}
+
+/// What the cache has for an account.
+enum Cached {
+    Fresh(DeviceSet),
+    /// Usable, and past half its TTL: the caller reads it again (`Generation`)
+    /// in the background.
+    Due(DeviceSet, Generation),
+    /// Read it now, under this generation.
+    Miss(Generation),
+}
+
 pub struct Directory {
     ttl: Duration,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Directory {
     pub fn new(ttl: Duration) -> Self {
         Directory {
             ttl,
-            inner: Mutex::new(Inner::default()),
+            inner: Arc::default(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        lock(&self.inner)
     }
 
-    /// The cached set, or, on a miss, the generation to read under.
-    fn cached(&self, account: AccountId) -> Result<DeviceSet, Generation> {
-        let inner = self.lock();
-        inner
-            .entries
-            .get(&account)
-            .filter(|(at, _)| !inner.distrusted && at.elapsed() < self.ttl)
-            .map(|(_, set)| set.clone())
-            .ok_or_else(|| inner.generations.noted(account))
+    fn cached(&self, account: AccountId) -> Cached {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let began = inner.generations.noted(account);
+        let entry = inner.entries.get_mut(&account);
+        match entry.map(|e| (e.at.elapsed(), e)) {
+            Some((age, e)) if !inner.distrusted && age < self.ttl => {
+                if e.refreshing || age < self.ttl / 2 {
+                    Cached::Fresh(e.set.clone())
+                } else {
+                    e.refreshing = true;
+                    Cached::Due(e.set.clone(), began)
+                }
+            }
+            _ => Cached::Miss(began),
+        }
     }
 
     /// The account's devices; `None` if the account does not exist.
@@ -74,37 +132,45 @@ impl Directory {
         account: AccountId,
     ) -> Result<Option<DeviceSet>, ApiError> {
         let began = match self.cached(account) {
-            Ok(set) => return Ok(Some(set)),
-            Err(began) => began,
+            Cached::Fresh(set) => return Ok(Some(set)),
+            Cached::Due(set, began) => {
+                self.refresh(pool, account, began);
+                return Ok(Some(set));
+            }
+            Cached::Miss(began) => began,
         };
-        let rows = store::blocking(pool, move |conn| {
-            store::accounts::list_devices(conn, account).map_err(ApiError::from)
+        let set = store::blocking(pool, move |conn| {
+            read(conn, account).map_err(ApiError::from)
         })
         .await?;
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        let set: DeviceSet = Arc::new(
-            rows.iter()
-                .map(|d| {
-                    (
-                        DeviceId::from_db(d.device_id).0,
-                        i64::from(d.registration_id),
-                    )
-                })
-                .collect(),
-        );
-        let mut inner = self.lock();
-        // A change answered while this read was in flight may not be in
-        // `set`: use it for this send (which began before the change was
-        // answered), but do not cache it.
-        if !inner.distrusted && inner.generations.unchanged(account, began) {
-            if inner.entries.len() >= MAX_ENTRIES {
-                inner.entries.clear();
+        // A set read across a change is still right for this send, which
+        // began before the change was answered; `store` only keeps it out
+        // of the cache.
+        self.lock().store(account, began, set.as_ref());
+        Ok(set)
+    }
+
+    /// Reads `account`'s set again on the blocking pool, nobody waiting.
+    /// If the read fails, the entry expires as it would have.
+    fn refresh(&self, pool: &Pool, account: AccountId, began: Generation) {
+        let (pool, inner) = (pool.clone(), self.inner.clone());
+        // Detached: the task runs to its end though its handle is dropped.
+        drop(tokio::task::spawn_blocking(move || {
+            let read = pool
+                .get()
+                .map_err(store::StoreError::from)
+                .and_then(|mut conn| read(&mut conn, account));
+            let mut inner = lock(&inner);
+            match read {
+                Ok(set) => inner.store(account, began, set.as_ref()),
+                Err(e) => {
+                    log::warn!("cannot read a device set again: {e}");
+                    if let Some(entry) = inner.entries.get_mut(&account) {
+                        entry.refreshing = false;
+                    }
+                }
             }
-            inner.entries.insert(account, (Instant::now(), set.clone()));
-        }
-        Ok(Some(set))
+        }));
     }
 
     /// Forgets `account`'s entry, and keeps reads already in flight from
@@ -130,4 +196,26 @@ impl Directory {
     pub fn trust(&self) {
         self.lock().distrusted = false;
     }
+}
+
+/// `account`'s device set from the database; `None` if it has no devices
+/// (no such account).
+fn read(
+    conn: &mut store::Conn,
+    account: AccountId,
+) -> Result<Option<DeviceSet>, store::StoreError> {
+    let rows = store::accounts::list_devices(conn, account)?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let set = rows
+        .iter()
+        .map(|d| {
+            (
+                DeviceId::from_db(d.device_id).0,
+                i64::from(d.registration_id),
+            )
+        })
+        .collect();
+    Ok(Some(Arc::new(set)))
 }

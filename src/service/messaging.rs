@@ -234,7 +234,13 @@ async fn reserve(state: &State, dests: &[Address]) -> Result<Vec<Reserved>, ApiE
     // Counts not yet known are read once, by the writer, then asked again.
     for _ in 0..2 {
         match quota.reserve(dests) {
-            Reserve::Granted(slots) => return Ok(slots),
+            Reserve::Granted { slots, refresh } => {
+                if !refresh.is_empty() {
+                    // Read again ahead of expiry; nothing waits for it.
+                    drop(state.writer.load_counts(refresh));
+                }
+                return Ok(slots);
+            }
             Reserve::Full => return Err(ApiError::MailboxFull),
             Reserve::Unknown(unknown) => match state.writer.load_counts(unknown).await {
                 Ok(Ok(_)) => {}

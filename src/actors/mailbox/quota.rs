@@ -15,6 +15,14 @@
 //! `ttl`, which bounds how long writes by another process sharing the
 //! database (or the retention sweep) go unseen. Reservations are this
 //! process's own and survive the re-read.
+//!
+//! A count in use is read again ahead of time: a reservation that finds it
+//! older than half the `ttl` is granted on it and asks for one re-read in
+//! the background ([`Reserve::Granted`]'s `refresh`). Before, every count
+//! in use expired at once every `ttl`, and each device's next sends waited
+//! for the writer's next round (behind its commit) before they could be
+//! routed: a stall every `ttl` on every busy conversation, which was most
+//! of the live relay's delivery p99.9 (see BENCHMARKS.md).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +39,19 @@ struct Slot {
     stored: i64,
     reserved: i64,
     loaded: Instant,
+    /// A re-read was asked for and has not come back.
+    refreshing: bool,
+}
+
+impl Slot {
+    fn new(stored: i64) -> Self {
+        Slot {
+            stored,
+            reserved: 0,
+            loaded: Instant::now(),
+            refreshing: false,
+        }
+    }
 }
 
 pub struct Quota {
@@ -41,8 +62,14 @@ pub struct Quota {
 
 /// The outcome of [`Quota::reserve`].
 pub enum Reserve {
-    /// One slot per destination, in the order asked.
-    Granted(Vec<Reserved>),
+    /// One slot per destination, in the order asked; and the counts due
+    /// for a re-read in the background (past half their `ttl`, asked for
+    /// once): the caller passes them to
+    /// [`super::MailboxWriter::load_counts`] without waiting.
+    Granted {
+        slots: Vec<Reserved>,
+        refresh: Vec<Address>,
+    },
     /// Some destination's mailbox has no room.
     Full,
     /// These counts must be read first ([`super::MailboxWriter::load_counts`]).
@@ -81,20 +108,24 @@ impl Quota {
         if full {
             return Reserve::Full;
         }
+        let mut refresh = Vec::new();
         for d in dests {
             if let Some(s) = slots.get_mut(d) {
                 s.reserved += 1;
+                if !s.refreshing && s.loaded.elapsed() > ttl / 2 {
+                    s.refreshing = true;
+                    refresh.push(*d);
+                }
             }
         }
-        Reserve::Granted(
-            dests
-                .iter()
-                .map(|&dest| Reserved {
-                    quota: self.clone(),
-                    dest,
-                })
-                .collect(),
-        )
+        let slots = dests
+            .iter()
+            .map(|&dest| Reserved {
+                quota: self.clone(),
+                dest,
+            })
+            .collect();
+        Reserve::Granted { slots, refresh }
     }
 
     /// From the writer thread after a commit: what each device's stored
@@ -113,7 +144,10 @@ impl Quota {
 
     /// From the writer thread: counts it just read, after its last commit.
     /// A slot loaded within `ttl` keeps its own (it has seen every commit
-    /// since); a stale one takes the new count and keeps its reservations.
+    /// since), unless it asked for this re-read; a stale or refreshing one
+    /// takes the new count and keeps its reservations. (The new count is
+    /// never behind the slot's: the writer applies each commit's deltas
+    /// before it reads.)
     pub fn loaded(&self, counts: &[(Address, i64)]) {
         let mut slots = self.slots();
         if slots.len() + counts.len() > MAX_DEVICES {
@@ -122,20 +156,14 @@ impl Quota {
         let ttl = self.ttl;
         for &(dest, stored) in counts {
             match slots.get_mut(&dest) {
-                Some(s) if s.loaded.elapsed() <= ttl => {}
+                Some(s) if !s.refreshing && s.loaded.elapsed() <= ttl => {}
                 Some(s) => {
                     s.stored = stored;
                     s.loaded = Instant::now();
+                    s.refreshing = false;
                 }
                 None => {
-                    slots.insert(
-                        dest,
-                        Slot {
-                            stored,
-                            reserved: 0,
-                            loaded: Instant::now(),
-                        },
-                    );
+                    slots.insert(dest, Slot::new(stored));
                 }
             }
         }
@@ -185,7 +213,7 @@ mod tests {
 
     fn granted(r: Reserve) -> Vec<Reserved> {
         match r {
-            Reserve::Granted(v) => v,
+            Reserve::Granted { slots, .. } => slots,
             Reserve::Full => panic!("full"),
             Reserve::Unknown(_) => panic!("unknown"),
         }
@@ -251,12 +279,61 @@ mod tests {
         drop(held);
     }
 
+    fn refresh_of(r: Reserve) -> (Vec<Reserved>, Vec<Address>) {
+        match r {
+            Reserve::Granted { slots, refresh } => (slots, refresh),
+            _ => panic!("expected granted"),
+        }
+    }
+
+    #[test]
+    fn a_count_past_half_its_ttl_is_granted_and_read_again_once() {
+        let q = Quota::new(4, Duration::from_millis(100));
+        q.loaded(&[(addr(1), 1), (addr(2), 1)]);
+        let (_, refresh) = refresh_of(q.reserve(&[addr(1)]));
+        assert!(refresh.is_empty(), "fresh counts are not read again");
+        std::thread::sleep(Duration::from_millis(60));
+        // Past half the ttl: still granted on the count it has, and asked
+        // for once, however many sends find it so.
+        let (first, refresh) = refresh_of(q.reserve(&[addr(1), addr(2)]));
+        assert_eq!(first.len(), 2);
+        assert_eq!(refresh, vec![addr(1), addr(2)]);
+        let (_, again) = refresh_of(q.reserve(&[addr(1)]));
+        assert!(
+            again.is_empty(),
+            "a re-read under way is not asked for twice"
+        );
+        // The re-read comes back within the ttl and is taken (a count not
+        // asked for would be kept), reservations kept.
+        q.loaded(&[(addr(1), 3)]);
+        assert_eq!(q.slots()[&addr(1)].stored, 3);
+        assert_eq!(q.slots()[&addr(1)].reserved, 1);
+        assert!(matches!(q.reserve(&[addr(1)]), Reserve::Full));
+        let (_, refresh) = refresh_of(q.reserve(&[addr(2)]));
+        assert!(refresh.is_empty(), "device 2's re-read is still under way");
+    }
+
+    #[test]
+    fn a_refresh_that_never_comes_back_expires_as_before() {
+        let q = Quota::new(5, Duration::from_millis(50));
+        q.loaded(&[(addr(1), 0)]);
+        std::thread::sleep(Duration::from_millis(30));
+        let (_, refresh) = refresh_of(q.reserve(&[addr(1)]));
+        assert_eq!(refresh, vec![addr(1)]);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(matches!(q.reserve(&[addr(1)]), Reserve::Unknown(_)));
+        q.loaded(&[(addr(1), 2)]);
+        let (_, refresh) = refresh_of(q.reserve(&[addr(1)]));
+        assert!(refresh.is_empty());
+        assert_eq!(q.slots()[&addr(1)].stored, 2);
+    }
+
     #[test]
     fn forgets_deleted_devices() {
         let q = Quota::new(5, Duration::from_secs(60));
         q.loaded(&[(addr(1), 3), (addr(2), 3)]);
         q.forget(AccountId(uuid::Uuid::nil()), Some(DeviceId(1)));
         assert!(matches!(q.reserve(&[addr(1)]), Reserve::Unknown(_)));
-        assert!(matches!(q.reserve(&[addr(2)]), Reserve::Granted(_)));
+        assert!(matches!(q.reserve(&[addr(2)]), Reserve::Granted { .. }));
     }
 }
