@@ -92,10 +92,10 @@ impl Quota {
     /// Reserves one slot in each of `dests` (distinct addresses), all or none.
     pub fn reserve(self: &Arc<Self>, dests: &[Address]) -> Reserve {
         let mut slots = self.slots();
-        let ttl = self.ttl;
+        let (ttl, now) = (self.ttl, Instant::now());
         let unknown: Vec<Address> = dests
             .iter()
-            .filter(|d| slots.get(d).is_none_or(|s| s.loaded.elapsed() > ttl))
+            .filter(|d| slots.get(d).is_none_or(|s| now - s.loaded > ttl))
             .copied()
             .collect();
         if !unknown.is_empty() {
@@ -112,7 +112,7 @@ impl Quota {
         for d in dests {
             if let Some(s) = slots.get_mut(d) {
                 s.reserved += 1;
-                if !s.refreshing && s.loaded.elapsed() > ttl / 2 {
+                if !s.refreshing && now - s.loaded > ttl / 2 {
                     s.refreshing = true;
                     refresh.push(*d);
                 }
