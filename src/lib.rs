@@ -43,4 +43,14 @@ pub use app::run;
 /// Still seeded per map. Maps keyed by what a client sends (IP addresses, rate
 /// limit keys) keep the standard hasher.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The age past which a cached entry that is in use is read again in the
+/// background (device sets, mailbox counts): between half and three
+/// quarters of its `ttl`, spread by `key` (random bits of the account id).
+/// Entries filled together, such as every busy account's after a restart,
+/// would otherwise all be read again at once, every time: a burst of
+/// blocking-pool threads that competes with the workers for the cores.
+pub fn refresh_age(ttl: std::time::Duration, key: u16) -> std::time::Duration {
+    ttl / 2 + ttl / 4 * u32::from(key) / 65_536
+}
 pub use config::Config;

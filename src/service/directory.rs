@@ -15,7 +15,8 @@
 //! those announcements it does not cache at all ([`Directory::distrust`]).
 //!
 //! An entry in use is read again before it expires: a send that finds it
-//! older than half the TTL is checked against it and starts one re-read in
+//! past half the TTL (up to three quarters, spread by account, see
+//! [`crate::refresh_age`]) is checked against it and starts one re-read in
 //! the background. Before, every busy account's entry expired at once every
 //! TTL, and each of its sends meanwhile waited for a database read of its
 //! own (see BENCHMARKS.md): a stall every TTL on every busy conversation.
@@ -114,7 +115,7 @@ impl Directory {
         let entry = inner.entries.get_mut(&account);
         match entry.map(|e| (e.at.elapsed(), e)) {
             Some((age, e)) if !inner.distrusted && age < self.ttl => {
-                if e.refreshing || age < self.ttl / 2 {
+                if e.refreshing || age < crate::refresh_age(self.ttl, account.0.as_u128() as u16) {
                     Cached::Fresh(e.set.clone())
                 } else {
                     e.refreshing = true;

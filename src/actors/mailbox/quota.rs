@@ -17,7 +17,8 @@
 //! process's own and survive the re-read.
 //!
 //! A count in use is read again ahead of time: a reservation that finds it
-//! older than half the `ttl` is granted on it and asks for one re-read in
+//! past half the `ttl` (up to three quarters, spread by device, see
+//! [`crate::refresh_age`]) is granted on it and asks for one re-read in
 //! the background ([`Reserve::Granted`]'s `refresh`). Before, every count
 //! in use expired at once every `ttl`, and each device's next sends waited
 //! for the writer's next round (behind its commit) before they could be
@@ -63,8 +64,8 @@ pub struct Quota {
 /// The outcome of [`Quota::reserve`].
 pub enum Reserve {
     /// One slot per destination, in the order asked; and the counts due
-    /// for a re-read in the background (past half their `ttl`, asked for
-    /// once): the caller passes them to
+    /// for a re-read in the background (past [`crate::refresh_age`], asked
+    /// for once): the caller passes them to
     /// [`super::MailboxWriter::load_counts`] without waiting.
     Granted {
         slots: Vec<Reserved>,
@@ -112,7 +113,8 @@ impl Quota {
         for d in dests {
             if let Some(s) = slots.get_mut(d) {
                 s.reserved += 1;
-                if !s.refreshing && now - s.loaded > ttl / 2 {
+                let spread = d.account.0.as_u128() as u16 ^ d.device.0 as u16;
+                if !s.refreshing && now - s.loaded > crate::refresh_age(ttl, spread) {
                     s.refreshing = true;
                     refresh.push(*d);
                 }
