@@ -22,8 +22,8 @@
 //! the background ([`Reserve::Granted`]'s `refresh`). Before, every count
 //! in use expired at once every `ttl`, and each device's next sends waited
 //! for the writer's next round (behind its commit) before they could be
-//! routed: a stall every `ttl` on every busy conversation, which was most
-//! of the live relay's delivery p99.9 (see BENCHMARKS.md).
+//! routed: a stall every `ttl` on every busy conversation (see
+//! BENCHMARKS.md, "The fifth sitting").
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
