@@ -41,7 +41,8 @@ const MAX_ENTRIES: usize = 200_000;
 struct Entry {
     at: Instant,
     set: DeviceSet,
-    /// A re-read in the background was started and has not come back.
+    /// A re-read in the background was started: none is started again
+    /// for this entry (one that fails leaves it to expire).
     refreshing: bool,
 }
 
@@ -80,8 +81,8 @@ impl Inner {
 /// What the cache has for an account.
 enum Cached {
     Fresh(DeviceSet),
-    /// Usable, and past half its TTL: the caller reads it again (`Generation`)
-    /// in the background.
+    /// Usable, and past its refresh age: the caller reads it again (under
+    /// `Generation`) in the background.
     Due(DeviceSet, Generation),
     /// Read it now, under this generation.
     Miss(Generation),
@@ -152,7 +153,9 @@ impl Directory {
     }
 
     /// Reads `account`'s set again on the blocking pool, nobody waiting.
-    /// If the read fails, the entry expires as it would have.
+    /// If the read fails (or crossed a change), the entry stays marked and
+    /// expires as it would have: a database that fails is not asked again
+    /// by every send meanwhile.
     fn refresh(&self, pool: &Pool, account: AccountId, began: Generation) {
         let (pool, inner) = (pool.clone(), self.inner.clone());
         // Detached: the task runs to its end though its handle is dropped.
@@ -161,15 +164,9 @@ impl Directory {
                 .get()
                 .map_err(store::StoreError::from)
                 .and_then(|mut conn| read(&mut conn, account));
-            let mut inner = lock(&inner);
             match read {
-                Ok(set) => inner.store(account, began, set.as_ref()),
-                Err(e) => {
-                    log::warn!("cannot read a device set again: {e}");
-                    if let Some(entry) = inner.entries.get_mut(&account) {
-                        entry.refreshing = false;
-                    }
-                }
+                Ok(set) => lock(&inner).store(account, began, set.as_ref()),
+                Err(e) => log::warn!("cannot read a device set again: {e}"),
             }
         }));
     }
