@@ -552,6 +552,88 @@ async fn replay_pauses_at_16_mib_of_unacked_content(backend: Backend) {
     ws.close().await;
 }
 
+/// Live copies that arrive while the replay is paused (16 MiB unacked) are
+/// spilled when their ack timeout passes, and their sender is answered
+/// `queued`; but they were never pushed, so this connection still gets them,
+/// once each, after queue-empty and in order. Their stored rows are skipped
+/// by the replay and deleted by their acks.
+async fn live_copies_buffered_past_their_timeout_are_pushed_after_the_replay(backend: Backend) {
+    const STORED: usize = 100;
+    const SIZE: usize = 200 * KIB;
+    const LATE: usize = 3;
+    let server = TestServer::start(backend).await; // ack timeout 300 ms
+    let a = TestDevice::register(&server).await;
+    let b = TestDevice::register(&server).await;
+    futures_util::stream::iter(0..STORED)
+        .for_each_concurrent(8, |i| {
+            let (a, dest, target) = (a.clone(), b.uuid.clone(), b.target());
+            async move {
+                let (status, body) = a.send(&dest, &[target], &seq_content(i, SIZE)).await;
+                assert_eq!(status, StatusCode::OK, "send {i}: {body}");
+            }
+        })
+        .await;
+
+    let mut ws = b.connect().await;
+    let (first, qe) = read_until_silent(&mut ws, Duration::from_millis(1_500)).await;
+    assert_eq!(qe, None, "the replay did not pause at the byte bound");
+
+    // Sent one after another, so their order is the senders' order.
+    let mut late = Vec::new();
+    for i in STORED..STORED + LATE {
+        let started = Instant::now();
+        let (status, body) = a.send(&b.uuid, &[b.target()], &seq_content(i, 16)).await;
+        assert_eq!(status, StatusCode::OK, "send {i}: {body}");
+        let (guid, st) = results(&body)[&1].clone();
+        assert_eq!(st, "queued", "late send {i}: {body}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "answered before its ack timeout"
+        );
+        late.push(guid);
+    }
+    assert!(
+        read_until_silent(&mut ws, Duration::from_millis(300))
+            .await
+            .0
+            .is_empty(),
+        "a copy pushed while the replay is paused"
+    );
+
+    for env in &first {
+        ws.ack(&guid_of(env)).await;
+    }
+    let (rest, qe) = read_until_silent(&mut ws, Duration::from_millis(1_500)).await;
+    assert_eq!(
+        first.len() + rest.len(),
+        STORED + LATE,
+        "each copy pushed once"
+    );
+    assert_eq!(
+        qe,
+        Some(rest.len() - LATE),
+        "queue-empty after the copies stored before connecting, before the late ones"
+    );
+    // The stored copies were sent concurrently: any order among them.
+    let stored: BTreeSet<usize> = first
+        .iter()
+        .chain(&rest[..rest.len() - LATE])
+        .map(seq_of)
+        .collect();
+    assert_eq!(stored, (0..STORED).collect::<BTreeSet<_>>());
+    let pushed_late: Vec<String> = rest[rest.len() - LATE..].iter().map(guid_of).collect();
+    assert_eq!(
+        pushed_late, late,
+        "the late copies, in the order they were sent"
+    );
+    for env in &rest {
+        ws.ack(&guid_of(env)).await;
+    }
+    assert!(round_trip(&mut ws).await.is_empty());
+    ws.close().await;
+    mailbox_empties(&b).await;
+}
+
 // ---- 3. live copies past the bound ----
 
 /// A live device holding 1,000 unacknowledged copies: the next copy is
@@ -1270,6 +1352,7 @@ backends!(
     stalled_reader_holds_nobody_and_is_replaced,
     replay_pauses_at_1000_unacked_copies,
     replay_pauses_at_16_mib_of_unacked_content,
+    live_copies_buffered_past_their_timeout_are_pushed_after_the_replay,
     live_copy_past_the_held_bound_is_queued_at_once,
     mailbox_full_refuses_the_whole_send_with_507,
     mailbox_cap_holds_under_concurrent_sends,

@@ -6,6 +6,13 @@
 //!
 //! A pushed mailbox copy is kept only as its guid and size: it is already
 //! stored, and an ack deletes it by guid.
+//!
+//! A buffered copy whose ack deadline passes during the replay is spilled
+//! (its sender is answered `queued` once it is committed) but stays in the
+//! buffer, to be pushed after `queue-empty` in its place like the others:
+//! it was never pushed, so this connection is its first chance, and pushing
+//! it here keeps the order. The replay skips its stored row, if it gets to
+//! it first; the device's ack deletes that row, as for any mailbox copy.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -93,11 +100,22 @@ pub enum Acked {
 /// connection ends.
 pub type Spill = (Arc<Envelope>, RouteReply);
 
+/// A live copy waiting for the replay to end.
+struct Buffered {
+    envelope: Arc<Envelope>,
+    /// `None` once spilled: its sender has its answer, and it is a mailbox
+    /// copy when pushed.
+    reply: Option<RouteReply>,
+}
+
 #[derive(Default)]
 pub struct Held {
     pushed: FastMap<Uuid, Pushed>,
     /// Live copies that arrived before `queue-empty`, in arrival order.
-    buffered: VecDeque<Deliver>,
+    buffered: VecDeque<Buffered>,
+    /// How many of the first `buffered` copies were spilled (their
+    /// deadlines passed; deadlines pass in arrival order).
+    buffered_spilled: usize,
     /// Ack deadlines of live copies (pushed or buffered), in arrival order,
     /// so in deadline order. Entries of copies acked since are skipped.
     deadlines: VecDeque<(Instant, Uuid)>,
@@ -149,13 +167,16 @@ impl Held {
     pub fn buffer(&mut self, d: Deliver, deadline: Instant) {
         self.add(d.envelope.content.len());
         self.deadlines.push_back((deadline, d.envelope.guid));
-        self.buffered.push_back(d);
+        self.buffered.push_back(Buffered {
+            envelope: d.envelope,
+            reply: Some(d.reply),
+        });
     }
 
     /// Whether the copy `guid` was pushed and waits for its ack, or waits
     /// to be pushed.
     pub fn holds(&self, guid: Uuid) -> bool {
-        self.pushed.contains_key(&guid) || self.buffered.iter().any(|d| d.envelope.guid == guid)
+        self.pushed.contains_key(&guid) || self.buffered.iter().any(|b| b.envelope.guid == guid)
     }
 
     /// A mailbox copy was pushed.
@@ -166,17 +187,22 @@ impl Held {
         }
     }
 
-    /// Pushes (with `push`) every buffered copy, in order; they keep their deadlines.
+    /// Pushes (with `push`) every buffered copy, in order; live ones keep
+    /// their deadlines, spilled ones are mailbox copies from now on.
     pub fn flush_buffered(&mut self, mut push: impl FnMut(&Envelope)) {
-        for d in std::mem::take(&mut self.buffered) {
-            push(&d.envelope);
-            self.pushed.insert(
-                d.envelope.guid,
-                Pushed::Live {
-                    envelope: d.envelope,
-                    reply: d.reply,
+        self.buffered_spilled = 0;
+        for b in std::mem::take(&mut self.buffered) {
+            push(&b.envelope);
+            let pushed = match b.reply {
+                Some(reply) => Pushed::Live {
+                    envelope: b.envelope.clone(),
+                    reply,
                 },
-            );
+                None => Pushed::Stored {
+                    bytes: b.envelope.content.len(),
+                },
+            };
+            self.pushed.insert(b.envelope.guid, pushed);
         }
     }
 
@@ -207,17 +233,18 @@ impl Held {
                     self.remove(envelope.content.len());
                     out.push((envelope, reply));
                 }
-            } else if self
+            } else if let Some(b) = self
                 .buffered
-                .front()
-                .is_some_and(|d| d.envelope.guid == guid)
+                .get_mut(self.buffered_spilled)
+                .filter(|b| b.envelope.guid == guid)
             {
                 // Buffered copies arrived in deadline order too, so an
-                // expired one is always at the front.
-                if let Some(d) = self.buffered.pop_front() {
-                    self.remove(d.envelope.content.len());
-                    out.push((d.envelope, d.reply));
+                // expired one is always the first not yet spilled. It stays
+                // buffered (see the module's doc), and counted.
+                if let Some(reply) = b.reply.take() {
+                    out.push((b.envelope.clone(), reply));
                 }
+                self.buffered_spilled += 1;
             }
         }
         out
@@ -239,7 +266,13 @@ impl Held {
                 Pushed::Stored { .. } => None,
             })
             .collect();
-        live.extend(self.buffered.drain(..).map(|d| (d.envelope, d.reply)));
+        // Spilled buffered copies are in the mailbox already.
+        live.extend(
+            self.buffered
+                .drain(..)
+                .filter_map(|b| Some((b.envelope, b.reply?))),
+        );
+        self.buffered_spilled = 0;
         // Guids are UUIDv7: sorting keeps acceptance order in the mailbox.
         live.sort_by_key(|(e, _)| e.guid);
         self.deadlines.clear();
@@ -341,18 +374,38 @@ mod tests {
         let a = deliver(1);
         let b = deliver(1);
         let c = deliver(1);
-        let (ga, gb) = (a.envelope.guid, b.envelope.guid);
+        let (ga, gb, gc) = (a.envelope.guid, b.envelope.guid, c.envelope.guid);
         held.push_live(a, now);
         held.buffer(b, now + Duration::from_millis(1));
         held.buffer(c, now + Duration::from_secs(60));
         let expired = held.expire(now + Duration::from_millis(2));
         let guids: Vec<Uuid> = expired.iter().map(|(e, _)| e.guid).collect();
         assert_eq!(guids, vec![ga, gb]);
+        // The spilled buffered copy is still held, to be pushed in its place.
+        assert_eq!(held.len(), 2);
+        assert!(held.holds(gb));
+        assert!(held.expire(now + Duration::from_millis(3)).is_empty());
+        let mut pushed = Vec::new();
+        held.flush_buffered(|e| pushed.push(e.guid));
+        assert_eq!(pushed, vec![gb, gc]);
+        // Pushed now as the mailbox copy it is: its ack deletes the row.
+        assert!(matches!(held.ack(gb), Acked::Elsewhere));
         assert_eq!(held.len(), 1);
-        let mut pushed = 0;
-        held.flush_buffered(|_| pushed += 1);
-        assert_eq!(pushed, 1);
         assert_eq!(held.take_live().len(), 1);
+        assert!(held.is_empty());
+    }
+
+    #[test]
+    fn a_spilled_buffered_copy_is_not_spilled_again_when_the_connection_ends() {
+        let mut held = Held::default();
+        let now = Instant::now();
+        let (a, b) = (deliver(1), deliver(1));
+        let gb = b.envelope.guid;
+        held.buffer(a, now);
+        held.buffer(b, now + Duration::from_secs(60));
+        assert_eq!(held.expire(now + Duration::from_millis(1)).len(), 1);
+        let live: Vec<Uuid> = held.take_live().iter().map(|(e, _)| e.guid).collect();
+        assert_eq!(live, vec![gb]);
         assert!(held.is_empty());
     }
 
