@@ -806,22 +806,10 @@ async fn mailbox_cap_holds_under_concurrent_sends(backend: Backend) {
             other => panic!("unexpected {other}: {body}"),
         }
     }
-    assert_eq!(queued.len() + full, 20, "every send answered 200 or 507");
-    assert!(
-        (1..=5).contains(&queued.len()),
-        "{} accepted, the cap is 5",
-        queued.len()
-    );
-    // Under a loaded machine a send can be refused early: an accepted copy
-    // counts as stored from its commit and as reserved until its sender has
-    // its outcome, so for that moment it counts twice (never zero times).
-    // Once the burst has settled the mailbox takes copies up to the cap
-    // exactly, and no more.
-    while queued.len() < 5 {
-        let (status, body) = a.send(&b.uuid, &[b.target()], b"settled").await;
-        assert_eq!(status, StatusCode::OK, "room left after the burst: {body}");
-        queued.insert(results(&body)[&1].0.clone());
-    }
+    // Exactly the cap, under any scheduling: a copy counts once, reserved
+    // until its commit and stored from then (never both, as when a slot
+    // was released only once its sender had the outcome).
+    assert_eq!((queued.len(), full), (5, 15), "(queued, 507)");
     let (status, body) = a.send(&b.uuid, &[b.target()], b"one too many").await;
     assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
     let stored: BTreeSet<String> = guids(&mailbox(&b).await).into_iter().collect();

@@ -286,6 +286,11 @@ pub async fn route(
         });
         let (reply, outcome) = oneshot::channel();
         let to = Address::new(dest, copy.device);
+        // Before the copy is handed on: its commit may come at once.
+        let mut slot = slots.next();
+        if let Some(slot) = slot.as_mut() {
+            slot.bind(envelope.guid);
+        }
         let deliver = Deliver {
             envelope: envelope.clone(),
             ephemeral,
@@ -307,7 +312,7 @@ pub async fn route(
                 })),
                 None => store_absent(state, to, absent),
             });
-        waits.push((to, envelope, outcome, slots.next()));
+        waits.push((to, envelope, outcome, slot));
     }
     for queued in to_router {
         // An error means the router is gone (shutdown): the copy's reply
@@ -331,7 +336,8 @@ pub async fn route(
                 Err(_) if ephemeral => Ok(DeliveryStatus::Dropped),
                 Err(_) => spill_status(writer.spill(to, envelope.clone()).await.unwrap_or(Err(()))),
             };
-            // The copy is acknowledged or committed: its slot is free.
+            // The copy is acknowledged, or committed (and its slot taken
+            // by the commit already): the slot is free.
             drop(slot);
             match status {
                 Ok(status) => results.push(SendResult {

@@ -13,7 +13,6 @@
 
 pub mod quota;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -24,7 +23,7 @@ use super::group_commit::GroupCommit;
 use super::router::RouteReply;
 use uuid::Uuid;
 
-use self::quota::Quota;
+use self::quota::{Change, Quota};
 use crate::domain::address::Address;
 use crate::domain::at_rest::StorageKeys;
 use crate::domain::envelope::Envelope;
@@ -264,24 +263,24 @@ fn commit(
                 .collect()
         }
     };
-    quota.committed(&deltas(batch, &results));
+    quota.committed(&changes(batch, &results));
     load_counts(pool, quota, batch);
     finish(metrics, batch.drain(..).zip(results));
 }
 
-/// What the batch changed in each device's stored count.
-fn deltas(batch: &[Op], results: &[Result<Outcome, ()>]) -> HashMap<Address, i64> {
-    let mut deltas = HashMap::new();
-    for (op, result) in batch.iter().zip(results) {
-        match (op, result) {
-            (Op::Spill { dest, .. }, Ok(Outcome::Stored)) => *deltas.entry(*dest).or_default() += 1,
-            (Op::Delete { dest, .. }, Ok(Outcome::Deleted)) => {
-                *deltas.entry(*dest).or_default() -= 1
+/// What the batch changed in the devices' stored counts.
+fn changes(batch: &[Op], results: &[Result<Outcome, ()>]) -> Vec<Change> {
+    batch
+        .iter()
+        .zip(results)
+        .filter_map(|(op, result)| match (op, result) {
+            (Op::Spill { dest, envelope, .. }, Ok(Outcome::Stored)) => {
+                Some(Change::Stored(*dest, envelope.guid))
             }
-            _ => {}
-        }
-    }
-    deltas
+            (Op::Delete { dest, .. }, Ok(Outcome::Deleted)) => Some(Change::Deleted(*dest)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Serves the batch's `Load`s, after its commit (so the counts read include

@@ -5,10 +5,17 @@
 //! Every copy that may end up stored (every non-ephemeral copy) holds a
 //! [`Reserved`] slot from the moment its send is accepted until its outcome
 //! is known: acknowledged live (the slot is released), or committed to the
-//! mailbox (the writer counts it as stored, then the slot is released). A
-//! send is accepted only if every destination device has room for its copy
-//! counting both what is stored and what is reserved, so the cap holds
-//! exactly under any concurrency within one process.
+//! mailbox. A send is accepted only if every destination device has room
+//! for its copy counting both what is stored and what is reserved, so the
+//! cap holds exactly under any concurrency within one process.
+//!
+//! A slot is bound to its copy's guid once the copy exists
+//! ([`Reserved::bind`]), so the writer's commit turns it into a stored copy
+//! in the same critical section as it counts the copy stored: the copy is
+//! never counted twice (stored, and still reserved until its sender hears
+//! the outcome, which refused concurrent sends with a room to spare) nor
+//! not at all. Whichever of the commit and the slot's drop comes first
+//! takes the reservation back; the other finds it gone.
 //!
 //! Stored counts are read by the mailbox writer's thread, in order with its
 //! own commits, and kept up to date by it; each count is read again after
@@ -25,9 +32,11 @@
 //! routed: a stall every `ttl` on every busy conversation (see
 //! BENCHMARKS.md, "The fifth sitting").
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use uuid::Uuid;
 
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::FastMap;
@@ -39,6 +48,9 @@ const MAX_DEVICES: usize = 100_000;
 struct Slot {
     stored: i64,
     reserved: i64,
+    /// The guids of reserved copies that exist ([`Reserved::bind`]): those
+    /// a commit may take from `reserved` into `stored`.
+    bound: HashSet<Uuid, foldhash::fast::RandomState>,
     loaded: Instant,
     /// A re-read was asked for and has not come back.
     refreshing: bool,
@@ -49,6 +61,7 @@ impl Slot {
         Slot {
             stored,
             reserved: 0,
+            bound: HashSet::default(),
             loaded: Instant::now(),
             refreshing: false,
         }
@@ -125,21 +138,35 @@ impl Quota {
             .map(|&dest| Reserved {
                 quota: self.clone(),
                 dest,
+                guid: None,
             })
             .collect();
         Reserve::Granted { slots, refresh }
     }
 
-    /// From the writer thread after a commit: what each device's stored
-    /// count changed by. Counts not loaded are left alone.
-    pub fn committed(&self, deltas: &HashMap<Address, i64>) {
-        if deltas.is_empty() {
+    /// From the writer thread after a commit: what it changed. A copy
+    /// stored on a bound slot moves from reserved to stored. Counts not
+    /// loaded are left alone.
+    pub fn committed(&self, changes: &[Change]) {
+        if changes.is_empty() {
             return;
         }
         let mut slots = self.slots();
-        for (dest, delta) in deltas {
-            if let Some(s) = slots.get_mut(dest) {
-                s.stored = (s.stored + delta).max(0);
+        for change in changes {
+            match *change {
+                Change::Stored(dest, guid) => {
+                    if let Some(s) = slots.get_mut(&dest) {
+                        s.stored += 1;
+                        if s.bound.remove(&guid) {
+                            s.reserved = (s.reserved - 1).max(0);
+                        }
+                    }
+                }
+                Change::Deleted(dest) => {
+                    if let Some(s) = slots.get_mut(&dest) {
+                        s.stored = (s.stored - 1).max(0);
+                    }
+                }
             }
         }
     }
@@ -179,18 +206,49 @@ impl Quota {
         });
     }
 
-    fn release(&self, dest: Address) {
+    fn release(&self, dest: Address, guid: Option<Uuid>) {
         if let Some(s) = self.slots().get_mut(&dest) {
-            s.reserved = (s.reserved - 1).max(0);
+            // A bound slot that is no longer bound was taken by a commit.
+            if guid.is_none_or(|g| s.bound.remove(&g)) {
+                s.reserved = (s.reserved - 1).max(0);
+            }
+        }
+    }
+
+    fn bind(&self, dest: Address, guid: Uuid) {
+        if let Some(s) = self.slots().get_mut(&dest) {
+            s.bound.insert(guid);
         }
     }
 }
 
-/// One reserved slot in `dest`'s mailbox; released when dropped. Hold it
-/// until the copy is acknowledged or committed.
+/// What a mailbox commit changed, for [`Quota::committed`].
+#[derive(Debug, Clone, Copy)]
+pub enum Change {
+    /// A copy new in `dest`'s mailbox.
+    Stored(Address, Uuid),
+    /// An acknowledged copy deleted from `dest`'s mailbox.
+    Deleted(Address),
+}
+
+/// One reserved slot in `dest`'s mailbox; released when dropped, or by the
+/// commit that stores its copy once bound. Hold it until the copy is
+/// acknowledged or committed.
 pub struct Reserved {
     quota: Arc<Quota>,
     dest: Address,
+    guid: Option<Uuid>,
+}
+
+impl Reserved {
+    /// The slot is `guid`'s: its commit to the mailbox takes the slot.
+    /// Call before the copy is handed on.
+    pub fn bind(&mut self, guid: Uuid) {
+        if self.guid.is_none() {
+            self.guid = Some(guid);
+            self.quota.bind(self.dest, guid);
+        }
+    }
 }
 
 impl std::fmt::Debug for Reserved {
@@ -201,7 +259,7 @@ impl std::fmt::Debug for Reserved {
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        self.quota.release(self.dest);
+        self.quota.release(self.dest, self.guid);
     }
 }
 
@@ -252,11 +310,51 @@ mod tests {
         let q = Quota::new(1, Duration::from_secs(60));
         q.loaded(&[(addr(1), 0)]);
         let slot = granted(q.reserve(&[addr(1)]));
-        q.committed(&HashMap::from([(addr(1), 1)]));
+        q.committed(&[Change::Stored(addr(1), Uuid::now_v7())]);
         drop(slot);
         assert!(matches!(q.reserve(&[addr(1)]), Reserve::Full));
-        q.committed(&HashMap::from([(addr(1), -1)]));
+        q.committed(&[Change::Deleted(addr(1))]);
         assert_eq!(granted(q.reserve(&[addr(1)])).len(), 1);
+    }
+
+    #[test]
+    fn a_bound_copy_committed_is_counted_once_before_its_slot_is_dropped() {
+        let q = Quota::new(2, Duration::from_secs(60));
+        q.loaded(&[(addr(1), 0)]);
+        let mut slots = granted(q.reserve(&[addr(1)]));
+        let guid = Uuid::now_v7();
+        slots[0].bind(guid);
+        q.committed(&[Change::Stored(addr(1), guid)]);
+        // Stored, no longer reserved, though its sender still holds the
+        // slot: there is room for one more.
+        assert_eq!(q.slots()[&addr(1)].stored, 1);
+        assert_eq!(q.slots()[&addr(1)].reserved, 0);
+        let other = granted(q.reserve(&[addr(1)]));
+        assert!(matches!(q.reserve(&[addr(1)]), Reserve::Full));
+        // Dropping the taken slot gives nothing back twice.
+        drop(slots);
+        assert!(matches!(q.reserve(&[addr(1)]), Reserve::Full));
+        drop(other);
+        assert_eq!(q.slots()[&addr(1)].reserved, 0);
+        assert_eq!(q.slots()[&addr(1)].stored, 1);
+    }
+
+    #[test]
+    fn a_bound_slot_dropped_before_any_commit_is_released_once() {
+        let q = Quota::new(1, Duration::from_secs(60));
+        q.loaded(&[(addr(1), 0)]);
+        let mut slots = granted(q.reserve(&[addr(1)]));
+        let guid = Uuid::now_v7();
+        slots[0].bind(guid);
+        drop(slots); // acknowledged live
+        assert_eq!(q.slots()[&addr(1)].reserved, 0);
+        // A later commit of the same guid (a spill after a late ack) counts
+        // it stored, and takes no reservation it does not have.
+        let held = granted(q.reserve(&[addr(1)]));
+        q.committed(&[Change::Stored(addr(1), guid)]);
+        assert_eq!(q.slots()[&addr(1)].reserved, 1);
+        assert_eq!(q.slots()[&addr(1)].stored, 1);
+        drop(held);
     }
 
     #[test]
