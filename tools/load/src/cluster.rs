@@ -88,6 +88,8 @@ impl ClusterArgs {
                 confirm: 0,
                 p99_ms: 10.0,
                 grace_secs: 10.0,
+                // Correctness only: every message's latency is shown.
+                warmup_secs: 0.0,
                 min_delivered: 0.0,
                 in_flight: None,
             },

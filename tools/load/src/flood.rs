@@ -107,6 +107,7 @@ pub async fn run(server: &Courier, args: &FloodArgs, quiet: bool) -> anyhow::Res
     let cfg = StepConfig {
         rate: args.rate,
         duration: Duration::from_secs_f64(args.duration),
+        warmup: Duration::ZERO,
         size: 256,
         grace: Duration::from_secs(10),
         quiet,

@@ -83,6 +83,14 @@ pub struct RelayArgs {
     /// Seconds to wait for outstanding answers after the last send.
     #[arg(long, default_value_t = 10.0)]
     pub grace_secs: f64,
+    /// Seconds at the start of each run whose messages are sent, checked
+    /// and counted, but left out of the latency figures (answer, delivery,
+    /// send lag): every run starts on fresh devices and connections, so its
+    /// first moments measure a cold start (each new account's first reads,
+    /// a backlog drained with little spare CPU), not the steady state. 0
+    /// measures from the first message. Within --duration / --step-secs.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup_secs: f64,
     /// Share (0–1) of a sweep step's sends that must be answered
     /// `delivered`, not `queued`, for it to pass. Not an option of `relay`
     /// (one node answers `queued` only past its ack timeout, which the p99
@@ -246,6 +254,7 @@ async fn sweep_step(
     let cfg = StepConfig {
         rate,
         duration: Duration::from_secs_f64(args.step_secs),
+        warmup: Duration::from_secs_f64(args.warmup_secs),
         size: args.size,
         grace: Duration::from_secs_f64(args.grace_secs),
         quiet: true,
@@ -298,6 +307,14 @@ pub fn validate(args: &RelayArgs, report: &mut Report) -> anyhow::Result<()> {
         && (args.grace_secs == 0.0 || within(args.grace_secs, 600.0));
     if !durations_ok {
         anyhow::bail!("--duration ≤ 3600 s, --step-secs ≤ 600 s, --grace-secs ≤ 600 s");
+    }
+    let window = if args.sweep {
+        args.step_secs
+    } else {
+        args.duration
+    };
+    if !(args.warmup_secs.is_finite() && (0.0..window).contains(&args.warmup_secs)) {
+        anyhow::bail!("--warmup-secs must be at least 0 and less than the run ({window} s)");
     }
     if args.size < client::STAMP_LEN {
         report.warn(format!(
@@ -451,6 +468,7 @@ pub async fn run(
                 args.rate
             },
             duration: Duration::from_secs_f64(args.duration),
+            warmup: Duration::from_secs_f64(args.warmup_secs),
             size: args.size,
             grace: Duration::from_secs_f64(args.grace_secs),
             quiet,
@@ -593,5 +611,28 @@ mod tests {
         assert_eq!(j["at_max_rate"]["ratio"], 4.25);
         compare_cpu(&courier, &Outcome::default(), false, &mut r);
         assert!(r.figures["cpu_ratio_to_ceiling"]["same_rate"].is_null());
+    }
+
+    #[test]
+    fn the_warm_up_must_leave_part_of_the_run_measured() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            relay: RelayArgs,
+        }
+        let args = |extra: &[&str]| {
+            let argv = ["relay"].iter().chain(extra).copied();
+            Cli::try_parse_from(argv).expect("parses").relay
+        };
+        let mut r = Report::new("relay");
+        assert_eq!(args(&[]).warmup_secs, 1.0, "the default");
+        assert!(validate(&args(&["--duration", "10"]), &mut r).is_ok());
+        assert!(validate(&args(&["--warmup-secs", "0"]), &mut r).is_ok());
+        assert!(validate(&args(&["--duration", "1"]), &mut r).is_err());
+        assert!(validate(&args(&["--warmup-secs=-1"]), &mut r).is_err());
+        // A sweep's runs are its steps.
+        let sweep = args(&["--sweep", "--step-secs", "3", "--warmup-secs", "3"]);
+        assert!(validate(&sweep, &mut r).is_err());
     }
 }

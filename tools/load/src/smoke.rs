@@ -34,6 +34,8 @@ pub async fn run(server: &Courier, vectors: std::path::PathBuf, quiet: bool) -> 
         confirm: 0,
         p99_ms: 10.0,
         grace_secs: 10.0,
+        // Correctness only: every message's latency is shown.
+        warmup_secs: 0.0,
         min_delivered: 0.0,
         in_flight: None,
     };

@@ -54,6 +54,7 @@ pub async fn run(server: &Courier, args: &SoakArgs, quiet: bool) -> anyhow::Resu
     let cfg = StepConfig {
         rate: args.rate,
         duration: Duration::from_secs_f64(args.window),
+        warmup: Duration::ZERO,
         size: args.size,
         grace: Duration::from_secs(5),
         quiet: true,

@@ -149,7 +149,9 @@ pub(super) async fn send(
                     &content,
                 );
                 sent_at[k as usize].store(now_ns, Ordering::Relaxed);
-                lag.record(now.saturating_duration_since(ctx.start + plan.due(k)));
+                if ctx.measured(now_ns) {
+                    lag.record(now.saturating_duration_since(ctx.start + plan.due(k)));
+                }
                 if let Err(e) = sink.feed(Message::Text(frame)).await {
                     error = Some(format!("write: {e}"));
                     break 'sending;
@@ -219,7 +221,9 @@ pub(super) async fn send(
                     answer_arrived.notify_one();
                     ctx.progress.add(ANSWERED, 1);
                     let at = sent_at[id as usize].load(Ordering::Relaxed);
-                    latency.record_us(now_ns.saturating_sub(at) / 1000);
+                    if ctx.measured(at) {
+                        latency.record_us(now_ns.saturating_sub(at) / 1000);
+                    }
                 }
                 _ => unexpected += 1,
             }
@@ -311,8 +315,10 @@ pub(super) async fn receive(
                                     out.out_of_order += 1;
                                 }
                                 highest = Some(highest.map_or(s.seq, |h| h.max(s.seq)));
-                                out.delivery
-                                    .record_us(now_ns.saturating_sub(s.sent_ns) / 1000);
+                                if ctx.measured(s.sent_ns) {
+                                    out.delivery
+                                        .record_us(now_ns.saturating_sub(s.sent_ns) / 1000);
+                                }
                                 out.last_delivery = Duration::from_nanos(now_ns);
                             }
                         }

@@ -18,6 +18,8 @@ pub struct StepResult {
     pub pairs: usize,
     pub rate: f64,
     pub duration: Duration,
+    /// The first part of `duration` left out of the latency figures.
+    pub warmup: Duration,
     pub planned: u64,
     pub sent: u64,
     pub delivered_answers: u64,
@@ -150,6 +152,7 @@ impl StepResult {
             "in_flight_per_sender": self.window,
             "answered_ok_rate": round1(per_sec(self.answered_ok(), self.duration)),
             "duration_s": self.duration.as_secs_f64(),
+            "warmup_s": self.warmup.as_secs_f64(),
             "planned": self.planned,
             "sent": self.sent,
             "sent_rate": round1(self.sent_rate()),
@@ -234,6 +237,15 @@ impl StepResult {
                 self.unanswered
             ),
         );
+        if !self.warmup.is_zero() {
+            report.row(
+                "latency measured over",
+                format!(
+                    "messages sent after the first {} s (warm-up: fresh devices and connections)",
+                    self.warmup.as_secs_f64()
+                ),
+            );
+        }
         report.row("answer latency", self.answer_latency.summary());
         report.row("delivery latency", self.delivery_latency.summary());
         // Closed loop, a send waits for room in the window, not a schedule.

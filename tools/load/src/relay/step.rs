@@ -26,6 +26,9 @@ static NEXT_RUN: AtomicU32 = AtomicU32::new(1);
 pub struct StepConfig {
     pub rate: f64,
     pub duration: Duration,
+    /// Messages sent before this much of `duration` has passed are left
+    /// out of the latency figures (see `RelayArgs::warmup_secs`).
+    pub warmup: Duration,
     pub size: usize,
     pub grace: Duration,
     pub quiet: bool,
@@ -88,6 +91,9 @@ pub(super) struct StepCtx {
     pub(super) window: Option<u64>,
     /// Closed loop: senders write nothing new from this instant.
     pub(super) send_until: Instant,
+    /// Messages sent before this many nanoseconds after `start` are not
+    /// in the latency figures.
+    pub(super) warmup_ns: u64,
 }
 
 pub(super) const SENT: usize = 0;
@@ -97,6 +103,11 @@ pub(super) const DELIVERED: usize = 2;
 impl StepCtx {
     pub(super) fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
+    }
+
+    /// Whether a message sent at `sent_ns` counts in the latency figures.
+    pub(super) fn measured(&self, sent_ns: u64) -> bool {
+        sent_ns >= self.warmup_ns
     }
 }
 
@@ -117,6 +128,7 @@ pub async fn run_step(target: &Target, pairs: &[Pair], cfg: &StepConfig) -> Step
         pairs: n,
         rate: cfg.rate,
         duration: cfg.duration,
+        warmup: cfg.warmup.min(cfg.duration),
         ..StepResult::default()
     };
 
@@ -163,6 +175,7 @@ pub async fn run_step(target: &Target, pairs: &[Pair], cfg: &StepConfig) -> Step
         progress: progress.clone(),
         window: cfg.window,
         send_until: start + cfg.duration,
+        warmup_ns: cfg.warmup.min(cfg.duration).as_nanos() as u64,
     });
     let _line = progress.report_every_second(cfg.quiet);
     let (stop_tx, stop_rx) = watch::channel(false);
