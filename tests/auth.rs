@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use common::*;
@@ -517,7 +519,45 @@ async fn only_the_primary_deletes_the_account(backend: Backend) {
     assert!(works(&bystander).await);
 }
 
+/// A device deleted by a process this server does not hear from (another
+/// server on the same database, outside any cluster) is refused once its
+/// cached credentials are read again: while it keeps authenticating, that
+/// is before the cache's TTL, not at it.
+async fn credentials_in_use_are_read_again_before_they_expire(backend: Backend) {
+    const TTL: Duration = Duration::from_millis(4_000);
+    let server =
+        TestServer::start_with(backend, |c| c.device_cache_ttl_ms = TTL.as_millis() as u64).await;
+    let other = TestServer::launch_node(server.config.clone()).await;
+    let primary = TestDevice::register(&server).await;
+    let linked = primary.link().await;
+    assert!(works(&linked).await);
+    // The entry was made before this instant.
+    let cached = Instant::now();
+    let primary_elsewhere = TestDevice {
+        base: other.url(""),
+        ..primary.clone()
+    };
+    let path = format!("/v1/devices/{}", linked.device_id);
+    let (status, body) = primary_elsewhere.request(Method::DELETE, &path, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert!(works(&linked).await, "a fresh entry is used as it is");
+
+    // Past the age at which an entry in use is read again (half to three
+    // quarters of the TTL): still verified against the entry, and read.
+    tokio::time::sleep_until((cached + TTL * 76 / 100).into()).await;
+    assert!(works(&linked).await, "an entry due for a read is used");
+    while works(&linked).await {
+        assert!(
+            cached.elapsed() < TTL * 95 / 100,
+            "the deletion is still unseen near the end of the TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(other);
+}
+
 backends!(
+    credentials_in_use_are_read_again_before_they_expire,
     right_password_authenticates_wrong_one_is_401,
     unknown_account_gets_the_same_401_as_a_wrong_password,
     malformed_authorization_is_401,

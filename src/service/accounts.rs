@@ -244,7 +244,13 @@ pub async fn authenticate(
     password: String,
 ) -> Result<Address, ApiError> {
     let stored = match state.credentials.get(address) {
-        Some(stored) => Some(stored),
+        Some(cached) => {
+            if let Some(began) = cached.refresh {
+                // Read again ahead of expiry; nothing waits for it.
+                state.credentials.refresh(&state.pool, address, began);
+            }
+            Some(cached.secret)
+        }
         None => {
             let began = state.credentials.before_read(address.account);
             let found = store::blocking(&state.pool, move |conn| {

@@ -12,14 +12,21 @@
 //! device back. Verification itself (salted SHA-256, constant-time compare)
 //! runs on every request; only the lookup is cached. Unknown devices are
 //! never cached.
+//!
+//! An entry in use is read again before it expires, as the device sets are
+//! (see [`super::directory`]): a request that finds it past its refresh age
+//! ([`crate::refresh_age`]) is verified against it and starts one re-read
+//! in the background. Before, a device authenticating by HTTP request by
+//! request waited for a database read every TTL.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::generations::{Generation, Generations};
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::store::accounts::StoredSecret;
+use crate::store::{self, Pool};
 
 /// Accounts kept at most; past it the cache starts over.
 const MAX_ACCOUNTS: usize = 200_000;
@@ -27,6 +34,9 @@ const MAX_ACCOUNTS: usize = 200_000;
 struct Entry {
     secret: StoredSecret,
     fetched: Instant,
+    /// A re-read in the background was started: none is started again
+    /// for this entry (one that fails leaves it to expire).
+    refreshing: bool,
 }
 
 #[derive(Default)]
@@ -37,34 +47,108 @@ struct Inner {
     distrusted: bool,
 }
 
+impl Inner {
+    /// Caches what a read begun at `read_began` found (`None`: no such
+    /// device), unless the account was invalidated since (the read may
+    /// predate a deletion).
+    fn store(&mut self, address: Address, secret: Option<StoredSecret>, read_began: Generation) {
+        if self.distrusted || !self.generations.unchanged(address.account, read_began) {
+            return;
+        }
+        let Some(secret) = secret else {
+            if let Some(devices) = self.accounts.get_mut(&address.account) {
+                devices.remove(&address.device);
+            }
+            return;
+        };
+        if self.accounts.len() >= MAX_ACCOUNTS {
+            self.accounts.clear();
+        }
+        self.accounts.entry(address.account).or_default().insert(
+            address.device,
+            Entry {
+                secret,
+                fetched: Instant::now(),
+                refreshing: false,
+            },
+        );
+    }
+}
+
+/// A cached secret; `refresh`: it is due to be read again, under this
+/// generation.
+pub struct Cached {
+    pub secret: StoredSecret,
+    pub refresh: Option<Generation>,
+}
+
 pub struct Credentials {
     ttl: Duration,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Credentials {
     pub fn new(ttl: Duration) -> Self {
         Credentials {
             ttl,
-            inner: Mutex::new(Inner::default()),
+            inner: Arc::default(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        lock(&self.inner)
     }
 
-    pub fn get(&self, address: Address) -> Option<StoredSecret> {
-        let inner = self.lock();
+    /// The cached secret of `address`, if any. One past its refresh age is
+    /// returned too, with the generation to read it again under (once):
+    /// the caller passes it to [`Credentials::refresh`].
+    pub fn get(&self, address: Address) -> Option<Cached> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         if inner.distrusted {
             return None;
         }
-        inner
+        let began = inner.generations.noted(address.account);
+        let entry = inner
             .accounts
-            .get(&address.account)
-            .and_then(|devices| devices.get(&address.device))
-            .filter(|e| e.fetched.elapsed() < self.ttl)
-            .map(|e| e.secret.clone())
+            .get_mut(&address.account)
+            .and_then(|devices| devices.get_mut(&address.device))?;
+        let age = entry.fetched.elapsed();
+        if age >= self.ttl {
+            return None;
+        }
+        let spread = address.account.0.as_u128() as u16 ^ address.device.0 as u16;
+        let refresh =
+            (!entry.refreshing && age >= crate::refresh_age(self.ttl, spread)).then(|| {
+                entry.refreshing = true;
+                began
+            });
+        Some(Cached {
+            secret: entry.secret.clone(),
+            refresh,
+        })
+    }
+
+    /// Reads `address`'s secret again on the blocking pool, nobody waiting.
+    /// If the read fails, the entry stays marked and expires as it would
+    /// have: a database that fails is not asked again by every request.
+    pub fn refresh(&self, pool: &Pool, address: Address, began: Generation) {
+        let (pool, inner) = (pool.clone(), self.inner.clone());
+        // Detached: the task runs to its end though its handle is dropped.
+        drop(tokio::task::spawn_blocking(move || {
+            let read = pool
+                .get()
+                .map_err(store::StoreError::from)
+                .and_then(|mut conn| store::accounts::find_secret(&mut conn, address));
+            match read {
+                Ok(found) => lock(&inner).store(address, found, began),
+                Err(e) => log::warn!("cannot read a device's credentials again: {e}"),
+            }
+        }));
     }
 
     /// Call before reading a secret from the database; pass the result to
@@ -76,20 +160,7 @@ impl Credentials {
     /// Caches what a read begun at `read_began` found, unless the account
     /// was invalidated since (the read may predate a deletion).
     pub fn put(&self, address: Address, secret: StoredSecret, read_began: Generation) {
-        let mut inner = self.lock();
-        if inner.distrusted || !inner.generations.unchanged(address.account, read_began) {
-            return;
-        }
-        if inner.accounts.len() >= MAX_ACCOUNTS {
-            inner.accounts.clear();
-        }
-        inner.accounts.entry(address.account).or_default().insert(
-            address.device,
-            Entry {
-                secret,
-                fetched: Instant::now(),
-            },
-        );
+        self.lock().store(address, Some(secret), read_began);
     }
 
     /// Records that `address` was seen at `at` (ms), so the next request
@@ -166,5 +237,35 @@ mod tests {
         let began = cache.before_read(device.account);
         cache.put(device, secret(), began);
         assert!(cache.get(device).is_some());
+    }
+
+    #[test]
+    fn an_entry_in_use_is_read_again_once_before_it_expires() {
+        let cache = Credentials::new(Duration::from_millis(100));
+        let device = Address::new(AccountId::random(), DeviceId(1));
+        let began = cache.before_read(device.account);
+        cache.put(device, secret(), began);
+        let fresh = cache.get(device).expect("cached");
+        assert!(fresh.refresh.is_none(), "a fresh entry is not read again");
+        std::thread::sleep(Duration::from_millis(80));
+        // Past its refresh age (50–75 ms): served, and due once.
+        let due = cache.get(device).expect("still cached");
+        let began = due.refresh.expect("due for a read");
+        assert!(cache.get(device).expect("cached").refresh.is_none());
+        // The read found the device gone (deleted by a process this one
+        // does not hear from): the entry goes at once, not at its TTL.
+        cache.lock().store(device, None, began);
+        assert!(cache.get(device).is_none());
+    }
+
+    #[test]
+    fn a_read_that_never_comes_back_lets_the_entry_expire() {
+        let cache = Credentials::new(Duration::from_millis(60));
+        let device = Address::new(AccountId::random(), DeviceId(1));
+        cache.put(device, secret(), cache.before_read(device.account));
+        std::thread::sleep(Duration::from_millis(46));
+        assert!(cache.get(device).expect("cached").refresh.is_some());
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(cache.get(device).is_none(), "used past its TTL");
     }
 }
