@@ -96,6 +96,12 @@ impl Address {
     pub fn new(account: AccountId, device: DeviceId) -> Self {
         Address { account, device }
     }
+
+    /// Random bits of the address (the account id's, mixed with the device
+    /// id), to spread per-device periodic work over time.
+    pub fn spread_key(&self) -> u16 {
+        self.account.0.as_u128() as u16 ^ self.device.0 as u16
+    }
 }
 
 impl fmt::Display for Address {

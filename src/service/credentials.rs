@@ -121,12 +121,11 @@ impl Credentials {
         if age >= self.ttl {
             return None;
         }
-        let spread = address.account.0.as_u128() as u16 ^ address.device.0 as u16;
-        let refresh =
-            (!entry.refreshing && age >= crate::refresh_age(self.ttl, spread)).then(|| {
-                entry.refreshing = true;
-                began
-            });
+        let due = age >= crate::refresh_age(self.ttl, address.spread_key());
+        let refresh = (!entry.refreshing && due).then(|| {
+            entry.refreshing = true;
+            began
+        });
         Some(Cached {
             secret: entry.secret.clone(),
             refresh,
@@ -137,18 +136,15 @@ impl Credentials {
     /// If the read fails, the entry stays marked and expires as it would
     /// have: a database that fails is not asked again by every request.
     pub fn refresh(&self, pool: &Pool, address: Address, began: Generation) {
-        let (pool, inner) = (pool.clone(), self.inner.clone());
-        // Detached: the task runs to its end though its handle is dropped.
-        drop(tokio::task::spawn_blocking(move || {
-            let read = pool
-                .get()
-                .map_err(store::StoreError::from)
-                .and_then(|mut conn| store::accounts::find_secret(&mut conn, address));
-            match read {
+        let inner = self.inner.clone();
+        store::detached(
+            pool,
+            move |conn| store::accounts::find_secret(conn, address),
+            move |read| match read {
                 Ok(found) => lock(&inner).store(address, found, began),
                 Err(e) => log::warn!("cannot read a device's credentials again: {e}"),
-            }
-        }));
+            },
+        );
     }
 
     /// Call before reading a secret from the database; pass the result to

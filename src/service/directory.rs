@@ -157,18 +157,15 @@ impl Directory {
     /// expires as it would have: a database that fails is not asked again
     /// by every send meanwhile.
     fn refresh(&self, pool: &Pool, account: AccountId, began: Generation) {
-        let (pool, inner) = (pool.clone(), self.inner.clone());
-        // Detached: the task runs to its end though its handle is dropped.
-        drop(tokio::task::spawn_blocking(move || {
-            let read = pool
-                .get()
-                .map_err(store::StoreError::from)
-                .and_then(|mut conn| read(&mut conn, account));
-            match read {
+        let inner = self.inner.clone();
+        store::detached(
+            pool,
+            move |conn| read(conn, account),
+            move |read| match read {
                 Ok(set) => lock(&inner).store(account, began, set.as_ref()),
                 Err(e) => log::warn!("cannot read a device set again: {e}"),
-            }
-        }));
+            },
+        );
     }
 
     /// Forgets `account`'s entry, and keeps reads already in flight from

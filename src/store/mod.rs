@@ -198,6 +198,24 @@ where
     .await?
 }
 
+/// Runs `f` on the blocking pool with a connection, then `done` with what it
+/// returned, on the same thread; nobody waits for either (a cache's
+/// background re-read). The task runs to its end though nothing holds it.
+pub fn detached<T, F, D>(pool: &Pool, f: F, done: D)
+where
+    F: FnOnce(&mut Conn) -> Result<T, StoreError> + Send + 'static,
+    D: FnOnce(Result<T, StoreError>) + Send + 'static,
+{
+    let pool = pool.clone();
+    drop(tokio::task::spawn_blocking(move || {
+        done(
+            pool.get()
+                .map_err(StoreError::from)
+                .and_then(|mut conn| f(&mut conn)),
+        )
+    }));
+}
+
 /// Runs `f` inside one write transaction and commits it. Store functions
 /// called by `f` open their own transactions, which nest as savepoints, so
 /// one refused operation rolls back alone while the batch commits together:

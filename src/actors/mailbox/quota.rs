@@ -126,8 +126,7 @@ impl Quota {
         for d in dests {
             if let Some(s) = slots.get_mut(d) {
                 s.reserved += 1;
-                let spread = d.account.0.as_u128() as u16 ^ d.device.0 as u16;
-                if !s.refreshing && now - s.loaded > crate::refresh_age(ttl, spread) {
+                if !s.refreshing && now - s.loaded > crate::refresh_age(ttl, d.spread_key()) {
                     s.refreshing = true;
                     refresh.push(*d);
                 }
