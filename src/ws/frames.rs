@@ -1,25 +1,16 @@
 //! What a `DeviceSession` does with each frame from the device: sends,
 //! acks, fragments, pings, close, and frames it cannot use.
 
+use super::session::{close_code, DeviceSession, MAX_UNSENT_BYTES};
+use super::transport::Outbox;
+use crate::error::ApiError;
+use crate::service::messaging::SendAs;
+use crate::wire::{self, ClientFrame, ServerFrame, MAX_SEND_BYTES};
 use actix::{
     Actor, ActorContext, AsyncContext, Context, Handler, Message, StreamHandler, WeakAddr,
 };
 use actix_http::ws::{Frame, Item, ProtocolError};
 use actix_web::web::Bytes;
-use tokio::sync::oneshot::{self, error::TryRecvError};
-
-use std::future::Future;
-use std::pin::Pin;
-use std::rc::Rc;
-use std::task::Poll;
-
-use super::gate::{InflightGate, RATE_LIMITED_PAUSE};
-use super::session::{close_code, DeviceSession, MAX_UNSENT_BYTES};
-use super::transport::Outbox;
-use crate::error::ApiError;
-use crate::service::messaging::{self, SendAs};
-use crate::service::state::State;
-use crate::wire::{self, ClientFrame, ServerFrame, MAX_SEND_BYTES};
 
 /// Consecutive unusable frames tolerated before the connection is closed.
 const MAX_BAD_FRAMES: u32 = 100;
@@ -171,145 +162,15 @@ impl DeviceSession {
         ctx: &mut Context<Self>,
     ) {
         self.bad_frames = 0;
-        spawn_send(
-            self.state.clone(),
-            SendAs::Device(self.address),
-            destination,
-            body,
-            &mut self.last_routed,
-            self.gate.clone(),
-            answer_into(self.outbox.clone(), own_address(&mut self.me, ctx), id),
-        );
+        let answer = answer_into(self.outbox.clone(), own_address(&mut self.me, ctx), id);
+        let from = SendAs::Device(self.address);
+        self.sends
+            .start(self.state.clone(), from, destination, body, answer);
     }
 }
 
-/// Prepares and routes one `send` frame, for a device's connection and an
-/// unidentified one alike. Copies are routed in frame order: after the
-/// previous send of the connection (`order`) was routed.
-///
-/// When the previous send is routed and every check of this one can be
-/// made in memory (the usual case on a node alone: rate limit, cached
-/// device sets, known mailbox counts), the send is prepared and its copies
-/// handed on right here, in the frame's handler, and only the wait for
-/// their outcomes is left to a task. Before, the whole send waited in the
-/// thread's task queue behind whatever else had woken, so each copy left
-/// for its recipient one queue later than it could have.
-///
-/// Otherwise the send goes on in a task of its own, not `ctx.spawn`: actix
-/// polls every future spawned on a context each time the actor wakes, so
-/// with hundreds of sends in flight per connection every frame would cost
-/// hundreds of polls. A task is woken alone; it runs on this thread and
-/// hands the answer to `answer`. The gate is held meanwhile and released
-/// even if the session has gone.
-pub(super) fn spawn_send(
-    state: State,
-    from: SendAs,
-    destination: String,
-    body: wire::SendRequest,
-    order: &mut Option<oneshot::Receiver<()>>,
-    gate: Rc<InflightGate>,
-    answer: impl FnOnce(Result<wire::SendResponse, ApiError>) + 'static,
-) {
-    gate.acquire();
-    // Boxed, and owning what it uses, so that it can go on in a task if it
-    // cannot finish now (and so that the task stays under 1 KiB: glibc
-    // serves blocks of 1 KiB and more from its large bins, and
-    // consolidates its free lists first, on every send).
-    let prepare_state = state.clone();
-    let mut prepare =
-        Box::pin(async move { messaging::prepare(&prepare_state, from, &destination, body).await });
-    if let Some(mut previous) = order.take() {
-        // Not routed yet (anything else: routed, or its task is gone).
-        if let Err(TryRecvError::Empty) = previous.try_recv() {
-            return in_task(state, prepare, Some(previous), order, gate, answer);
-        }
-    }
-    // Nothing waits on this poll: a future that is not ready is polled
-    // again, with the task's waker, by `in_task`.
-    let mut now = std::task::Context::from_waker(std::task::Waker::noop());
-    let prepared = match prepare.as_mut().poll(&mut now) {
-        Poll::Ready(prepared) => prepared,
-        Poll::Pending => return in_task(state, prepare, None, order, gate, answer),
-    };
-    let prepared = match prepared {
-        Ok(prepared) => prepared,
-        Err(e) => return finish(&gate, answer, Err(e)),
-    };
-    // Its output is the future of the outcomes, awaited apart: once every
-    // copy is handed on, the next send need not wait for those outcomes.
-    #[allow(clippy::async_yields_async)]
-    let mut route = Box::pin(async move { messaging::route(&state, prepared).await });
-    match route.as_mut().poll(&mut now) {
-        // Every copy is handed on; the next send may be routed at once.
-        Poll::Ready(outcome) => {
-            actix::spawn(async move {
-                let result = outcome.await;
-                finish(&gate, answer, result);
-            });
-        }
-        // In a cluster the router must take a copy first.
-        Poll::Pending => {
-            let (routed_tx, routed_rx) = oneshot::channel();
-            *order = Some(routed_rx);
-            actix::spawn(async move {
-                let outcome = route.await;
-                let _ = routed_tx.send(());
-                let result = outcome.await;
-                finish(&gate, answer, result);
-            });
-        }
-    }
-}
-
-/// The rest of [`spawn_send`] in a task: prepared (`prepare`), routed after
-/// `previous`, answered.
-fn in_task(
-    state: State,
-    prepare: Pin<Box<impl Future<Output = Result<messaging::Prepared, ApiError>> + 'static>>,
-    previous: Option<oneshot::Receiver<()>>,
-    order: &mut Option<oneshot::Receiver<()>>,
-    gate: Rc<InflightGate>,
-    answer: impl FnOnce(Result<wire::SendResponse, ApiError>) + 'static,
-) {
-    let (routed_tx, routed_rx) = oneshot::channel();
-    *order = Some(routed_rx);
-    actix::spawn(async move {
-        let prepared = prepare.await;
-        if let Some(previous) = previous {
-            let _ = previous.await;
-        }
-        let result = match prepared {
-            Ok(prepared) => {
-                let outcome = Box::pin(messaging::route(&state, prepared)).await;
-                let _ = routed_tx.send(());
-                outcome.await
-            }
-            Err(e) => {
-                let _ = routed_tx.send(());
-                Err(e)
-            }
-        };
-        finish(&gate, answer, result);
-    });
-}
-
-/// A send's end: its gate slot back (after a pause if it was rate-limited),
-/// then its answer.
-fn finish(
-    gate: &InflightGate,
-    answer: impl FnOnce(Result<wire::SendResponse, ApiError>),
-    result: Result<wire::SendResponse, ApiError>,
-) {
-    if let Err(ApiError::RateLimited { .. }) = result {
-        gate.pause(RATE_LIMITED_PAUSE);
-    }
-    gate.release();
-    answer(result);
-}
-
-/// Where a send's task puts its answer: straight into the connection's
-/// outbox (the task runs on the session's thread), not through the
-/// session's mailbox, which cost an actor wakeup and a message per send.
+/// Where a send's answer goes: straight into the connection's outbox (its
+/// wait runs on the session's thread), not through the session's mailbox, which cost an actor wakeup and a message per send.
 /// An answer after the session closed its outbox is dropped, as a message
 /// to a stopped session was. If the answer leaves more unsent than
 /// [`MAX_UNSENT_BYTES`], the session is told to cut the connection.

@@ -8,6 +8,7 @@
 //! - [`replay`]: the mailbox replay, bounded by the device's acks.
 //! - [`held`]: the copies a connection holds, bounded.
 //! - [`gate`]: backpressure on a connection's sends.
+//! - [`sends`]: a connection's sends, routed in frame order and answered.
 //! - [`transport`]: the byte stream, which a stalled peer cannot freeze.
 //! - [`takeover`]: how an upgraded connection leaves the HTTP dispatcher.
 //! - [`rendezvous`]: one side of a rendezvous channel (its own small actor).
@@ -19,6 +20,7 @@ pub mod gate;
 pub mod held;
 pub mod rendezvous;
 pub mod replay;
+pub mod sends;
 pub mod session;
 pub mod takeover;
 pub mod transport;

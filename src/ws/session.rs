@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 
 use super::gate::InflightGate;
 use super::held::{Acked, Held, RecentAcks};
+use super::sends::Sends;
 use super::transport::{finish_or_cut, Outbox};
 use crate::actors::router::{
     AckLive, Close, Connect, Deliver, Disconnect, Rescan, RouteReply, SessionHandle,
@@ -93,7 +94,7 @@ pub struct DeviceSession {
     pub(super) phase: Phase,
     /// When the peer last sent anything.
     pub(super) heartbeat: Instant,
-    pub(super) gate: Rc<InflightGate>,
+    pub(super) sends: Sends,
     pub(super) outbox: Outbox,
     pub(super) held: Held,
     /// Where the replay goes on from (the last mailbox guid pushed).
@@ -109,9 +110,6 @@ pub struct DeviceSession {
     pub(super) rescan_again: bool,
     /// The ack-deadline timer, when one is armed.
     deadline_timer: Option<SpawnHandle>,
-    /// Completes when the previous send of this connection has been routed,
-    /// so copies are routed in the order the frames arrived.
-    pub(super) last_routed: Option<oneshot::Receiver<()>>,
     /// Fired once this session has spilled what it holds (see `Connect`).
     settled: Option<oneshot::Sender<()>>,
     pub(super) bad_frames: u32,
@@ -135,7 +133,7 @@ impl DeviceSession {
             state,
             phase: Phase::Starting,
             heartbeat: Instant::now(),
-            gate,
+            sends: Sends::new(gate),
             outbox,
             held: Held::default(),
             cursor: None,
@@ -143,7 +141,6 @@ impl DeviceSession {
             rescanning: false,
             rescan_again: false,
             deadline_timer: None,
-            last_routed: None,
             settled: None,
             bad_frames: 0,
             fragments: None,

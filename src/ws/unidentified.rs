@@ -14,12 +14,10 @@ use std::time::Instant;
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, StreamHandler, WeakAddr};
 use actix_http::ws::{Frame, Item, ProtocolError};
-use tokio::sync::oneshot;
 
-use super::frames::{
-    answer_into, own_address, refusal_frame, spawn_send, Overflowed, MAX_FRAME_BYTES,
-};
+use super::frames::{answer_into, own_address, refusal_frame, Overflowed, MAX_FRAME_BYTES};
 use super::gate::InflightGate;
+use super::sends::Sends;
 use super::session::MAX_UNSENT_BYTES;
 use super::session::{close_code, CLIENT_TIMEOUT, CLOSE_GRACE, HEARTBEAT_INTERVAL};
 use super::transport::{finish_or_cut, Outbox};
@@ -36,11 +34,9 @@ const MAX_BAD_FRAMES: u32 = 100;
 pub struct SenderSession {
     client: IpAddr,
     state: State,
-    gate: Rc<InflightGate>,
+    sends: Sends,
     outbox: Outbox,
     heartbeat: Instant,
-    /// Completes when the previous send has been routed (frame order).
-    last_routed: Option<oneshot::Receiver<()>>,
     bad_frames: u32,
     /// A text message arriving in fragments; `None` while skipping one.
     fragments: Option<Vec<u8>>,
@@ -54,10 +50,9 @@ impl SenderSession {
         SenderSession {
             client,
             state,
-            gate,
+            sends: Sends::new(gate),
             outbox,
             heartbeat: Instant::now(),
-            last_routed: None,
             bad_frames: 0,
             fragments: None,
             me: None,
@@ -181,15 +176,9 @@ impl SenderSession {
             key,
             client: self.client,
         };
-        spawn_send(
-            self.state.clone(),
-            from,
-            destination,
-            body,
-            &mut self.last_routed,
-            self.gate.clone(),
-            answer_into(self.outbox.clone(), own_address(&mut self.me, ctx), id),
-        );
+        let answer = answer_into(self.outbox.clone(), own_address(&mut self.me, ctx), id);
+        self.sends
+            .start(self.state.clone(), from, destination, body, answer);
     }
 }
 
