@@ -102,6 +102,7 @@ async fn mailbox_batches_survive_a_concurrent_writer(backend: Backend) {
                         timestamp: 1,
                         server_timestamp: store::now_ms(),
                         content: vec![7; 64].into(),
+                        slot: Default::default(),
                     };
                     let writes = [Write::Insert {
                         dest,

@@ -72,6 +72,7 @@ impl From<BusEnvelope> for Envelope {
             timestamp: e.timestamp,
             server_timestamp: e.server_timestamp,
             content: e.content.into(),
+            slot: Default::default(),
         }
     }
 }
@@ -238,6 +239,7 @@ mod tests {
             timestamp: 17,
             server_timestamp: 18,
             content: (0..=255u8).collect::<Vec<u8>>().into(),
+            slot: Default::default(),
         };
         let packet = Packet::Forward {
             from: NodeId::random(),

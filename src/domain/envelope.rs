@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD;
@@ -33,7 +34,43 @@ pub struct Envelope {
     /// When the server accepted the send (ms since the epoch).
     pub server_timestamp: i64,
     pub content: Content,
+    /// Whether this copy still holds the mailbox slot its send reserved.
+    pub slot: SlotHold,
 }
+
+/// Whether a copy in memory still holds the mailbox slot its send reserved
+/// (`actors::mailbox::quota`): taken once, by whichever comes first, the
+/// copy's commit to the mailbox (which counts it stored instead) or its
+/// sender's answer (which gives the slot back). Not part of the copy: a
+/// clone holds nothing, and equality ignores it.
+#[derive(Debug, Default)]
+pub struct SlotHold(AtomicBool);
+
+impl SlotHold {
+    /// From now on the copy holds its slot. Before it is handed on.
+    pub fn hold(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether the slot was still held; it is not from here on.
+    pub fn take(&self) -> bool {
+        self.0.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Clone for SlotHold {
+    fn clone(&self) -> Self {
+        SlotHold::default()
+    }
+}
+
+impl PartialEq for SlotHold {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for SlotHold {}
 
 /// The part of a multi-recipient (Sealed Sender v2) message that every
 /// recipient's copy ends with: held once in memory, stored once.
@@ -276,6 +313,26 @@ pub fn validate_send(body: RawSend) -> Result<ValidSend, SendRefusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slot_is_taken_once_and_a_clone_holds_none() {
+        let copy = Envelope {
+            guid: Uuid::nil(),
+            source: None,
+            msg_type: 1,
+            timestamp: 0,
+            server_timestamp: 0,
+            content: vec![1].into(),
+            slot: SlotHold::default(),
+        };
+        assert!(!copy.slot.take(), "nothing held until told");
+        copy.slot.hold();
+        let clone = copy.clone();
+        assert_eq!(clone, copy, "the hold is not part of the copy");
+        assert!(!clone.slot.take(), "a clone holds nothing");
+        assert!(copy.slot.take());
+        assert!(!copy.slot.take(), "taken once");
+    }
 
     fn msg(device: u32, content: &str) -> RawCopy {
         RawCopy {

@@ -283,13 +283,14 @@ pub async fn route(
             timestamp,
             server_timestamp,
             content: copy.content,
+            slot: Default::default(),
         });
         let (reply, outcome) = oneshot::channel();
         let to = Address::new(dest, copy.device);
         // Before the copy is handed on: its commit may come at once.
         let mut slot = slots.next();
         if let Some(slot) = slot.as_mut() {
-            slot.bind(envelope.guid);
+            slot.bind(&envelope);
         }
         let deliver = Deliver {
             envelope: envelope.clone(),

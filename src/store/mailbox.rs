@@ -424,6 +424,7 @@ fn envelope(
             timestamp: r.6,
             server_timestamp: r.7,
             content,
+            slot: Default::default(),
         })
     })();
     if parsed.is_none() {

@@ -34,6 +34,7 @@ mod tests {
             timestamp: -1,
             server_timestamp: 1_700_000_000_000,
             content: (0..=255u8).collect::<Vec<u8>>().into(),
+            slot: Default::default(),
         };
         let direct: Value = serde_json::from_str(&message_frame(&e)).unwrap();
         let serde: Value = serde_json::from_str(
@@ -46,6 +47,7 @@ mod tests {
         assert_eq!(direct, serde);
         let empty = Envelope {
             content: Vec::new().into(),
+            slot: Default::default(),
             ..e
         };
         let direct: Value = serde_json::from_str(&message_frame(&empty)).unwrap();

@@ -328,6 +328,7 @@ mod tests {
                 timestamp: 0,
                 server_timestamp: 0,
                 content: vec![0; bytes].into(),
+                slot: Default::default(),
             }),
             ephemeral: false,
             reply,

@@ -244,3 +244,74 @@ fn drive() -> Rc<RefCell<Queue>> {
     });
     queue
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// Lets the driver run until it has nothing more to do.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[actix::test]
+    async fn waits_finish_after_the_session_has_gone() {
+        let done = Rc::new(Cell::new(0));
+        let mut waits = Waits::default();
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            let (tx, rx) = oneshot::channel::<()>();
+            outcomes.push(tx);
+            let done = done.clone();
+            waits.push(async move {
+                let _ = rx.await;
+                done.set(done.get() + 1);
+            });
+        }
+        let queue = Rc::downgrade(waits.queue.as_ref().expect("started by the first push"));
+        settle().await;
+        assert_eq!(done.get(), 0, "no outcome yet");
+
+        // The session ends with its sends unanswered: they still finish.
+        drop(waits);
+        settle().await;
+        assert!(queue.upgrade().is_some(), "the driver runs on");
+        for tx in outcomes {
+            tx.send(()).unwrap();
+            settle().await;
+        }
+        assert_eq!(done.get(), 3);
+        assert!(
+            queue.upgrade().is_none(),
+            "the driver ended with its last wait"
+        );
+    }
+
+    #[actix::test]
+    async fn an_idle_driver_takes_new_waits_and_ends_with_its_session() {
+        let done = Rc::new(Cell::new(0));
+        let mut waits = Waits::default();
+        assert!(
+            waits.queue.is_none(),
+            "nothing started before the first send"
+        );
+        for round in 1..=2 {
+            let d = done.clone();
+            waits.push(async move { d.set(d.get() + 1) });
+            settle().await;
+            assert_eq!(done.get(), round, "a wait pushed to an idle driver runs");
+        }
+        let queue = Rc::downgrade(waits.queue.as_ref().unwrap());
+        settle().await;
+        assert!(
+            queue.upgrade().is_some(),
+            "idle, but its session may send again"
+        );
+        drop(waits);
+        settle().await;
+        assert!(queue.upgrade().is_none(), "ended with its session");
+    }
+}

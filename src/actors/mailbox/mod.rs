@@ -274,9 +274,10 @@ fn changes(batch: &[Op], results: &[Result<Outcome, ()>]) -> Vec<Change> {
         .iter()
         .zip(results)
         .filter_map(|(op, result)| match (op, result) {
-            (Op::Spill { dest, envelope, .. }, Ok(Outcome::Stored)) => {
-                Some(Change::Stored(*dest, envelope.guid))
-            }
+            (Op::Spill { dest, envelope, .. }, Ok(Outcome::Stored)) => Some(Change::Stored {
+                dest: *dest,
+                took_slot: envelope.slot.take(),
+            }),
             (Op::Delete { dest, .. }, Ok(Outcome::Deleted)) => Some(Change::Deleted(*dest)),
             _ => None,
         })

@@ -9,13 +9,15 @@
 //! for its copy counting both what is stored and what is reserved, so the
 //! cap holds exactly under any concurrency within one process.
 //!
-//! A slot is bound to its copy's guid once the copy exists
-//! ([`Reserved::bind`]), so the writer's commit turns it into a stored copy
-//! in the same critical section as it counts the copy stored: the copy is
-//! never counted twice (stored, and still reserved until its sender hears
-//! the outcome, which refused concurrent sends with a room to spare) nor
-//! not at all. Whichever of the commit and the slot's drop comes first
-//! takes the reservation back; the other finds it gone.
+//! A slot is bound to its copy once the copy exists ([`Reserved::bind`]):
+//! the copy carries a [`SlotHold`](crate::domain::envelope::SlotHold),
+//! and whichever comes first takes it: the writer's commit of the copy
+//! (which counts it stored and unreserved in one critical section) or the
+//! slot's drop when the sender has its answer (which releases it). So the
+//! copy is never counted twice (stored, and still reserved until its
+//! sender hears the outcome, which refused concurrent sends with room to
+//! spare) nor not at all. Binding is one atomic store on the copy: no
+//! lock, no set of guids.
 //!
 //! Stored counts are read by the mailbox writer's thread, in order with its
 //! own commits, and kept up to date by it; each count is read again after
@@ -32,13 +34,11 @@
 //! routed: a stall every `ttl` on every busy conversation (see
 //! BENCHMARKS.md, "The fifth sitting").
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use uuid::Uuid;
-
 use crate::domain::address::{AccountId, Address, DeviceId};
+use crate::domain::envelope::Envelope;
 use crate::FastMap;
 
 /// Devices whose counts are kept at most; past it, unreserved ones are
@@ -48,9 +48,6 @@ const MAX_DEVICES: usize = 100_000;
 struct Slot {
     stored: i64,
     reserved: i64,
-    /// The guids of reserved copies that exist ([`Reserved::bind`]): those
-    /// a commit may take from `reserved` into `stored`.
-    bound: HashSet<Uuid, foldhash::fast::RandomState>,
     loaded: Instant,
     /// A re-read was asked for and has not come back.
     refreshing: bool,
@@ -61,7 +58,6 @@ impl Slot {
         Slot {
             stored,
             reserved: 0,
-            bound: HashSet::default(),
             loaded: Instant::now(),
             refreshing: false,
         }
@@ -137,15 +133,15 @@ impl Quota {
             .map(|&dest| Reserved {
                 quota: self.clone(),
                 dest,
-                guid: None,
+                copy: None,
             })
             .collect();
         Reserve::Granted { slots, refresh }
     }
 
     /// From the writer thread after a commit: what it changed. A copy
-    /// stored on a bound slot moves from reserved to stored. Counts not
-    /// loaded are left alone.
+    /// stored that still held its slot moves from reserved to stored.
+    /// Counts not loaded are left alone.
     pub fn committed(&self, changes: &[Change]) {
         if changes.is_empty() {
             return;
@@ -153,10 +149,10 @@ impl Quota {
         let mut slots = self.slots();
         for change in changes {
             match *change {
-                Change::Stored(dest, guid) => {
+                Change::Stored { dest, took_slot } => {
                     if let Some(s) = slots.get_mut(&dest) {
                         s.stored += 1;
-                        if s.bound.remove(&guid) {
+                        if took_slot {
                             s.reserved = (s.reserved - 1).max(0);
                         }
                     }
@@ -205,18 +201,9 @@ impl Quota {
         });
     }
 
-    fn release(&self, dest: Address, guid: Option<Uuid>) {
+    fn release(&self, dest: Address) {
         if let Some(s) = self.slots().get_mut(&dest) {
-            // A bound slot that is no longer bound was taken by a commit.
-            if guid.is_none_or(|g| s.bound.remove(&g)) {
-                s.reserved = (s.reserved - 1).max(0);
-            }
-        }
-    }
-
-    fn bind(&self, dest: Address, guid: Uuid) {
-        if let Some(s) = self.slots().get_mut(&dest) {
-            s.bound.insert(guid);
+            s.reserved = (s.reserved - 1).max(0);
         }
     }
 }
@@ -224,28 +211,30 @@ impl Quota {
 /// What a mailbox commit changed, for [`Quota::committed`].
 #[derive(Debug, Clone, Copy)]
 pub enum Change {
-    /// A copy new in `dest`'s mailbox.
-    Stored(Address, Uuid),
+    /// A copy new in `dest`'s mailbox; `took_slot` if it still held its
+    /// reserved slot ([`crate::domain::envelope::SlotHold::take`]).
+    Stored { dest: Address, took_slot: bool },
     /// An acknowledged copy deleted from `dest`'s mailbox.
     Deleted(Address),
 }
 
-/// One reserved slot in `dest`'s mailbox; released when dropped, or by the
-/// commit that stores its copy once bound. Hold it until the copy is
+/// One reserved slot in `dest`'s mailbox; released when dropped, unless
+/// the commit of its copy took it first. Hold it until the copy is
 /// acknowledged or committed.
 pub struct Reserved {
     quota: Arc<Quota>,
     dest: Address,
-    guid: Option<Uuid>,
+    /// The copy, once bound: it holds the slot until taken.
+    copy: Option<Arc<Envelope>>,
 }
 
 impl Reserved {
-    /// The slot is `guid`'s: its commit to the mailbox takes the slot.
+    /// The slot is `copy`'s: its commit to the mailbox takes the slot.
     /// Call before the copy is handed on.
-    pub fn bind(&mut self, guid: Uuid) {
-        if self.guid.is_none() {
-            self.guid = Some(guid);
-            self.quota.bind(self.dest, guid);
+    pub fn bind(&mut self, copy: &Arc<Envelope>) {
+        if self.copy.is_none() {
+            copy.slot.hold();
+            self.copy = Some(copy.clone());
         }
     }
 }
@@ -258,16 +247,40 @@ impl std::fmt::Debug for Reserved {
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        self.quota.release(self.dest, self.guid);
+        // A bound slot no longer held was taken by its copy's commit.
+        if self.copy.as_ref().is_none_or(|c| c.slot.take()) {
+            self.quota.release(self.dest);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::envelope::SlotHold;
 
     fn addr(device: u32) -> Address {
         Address::new(AccountId(uuid::Uuid::nil()), DeviceId(device))
+    }
+
+    fn copy() -> Arc<Envelope> {
+        Arc::new(Envelope {
+            guid: uuid::Uuid::now_v7(),
+            source: None,
+            msg_type: 1,
+            timestamp: 0,
+            server_timestamp: 0,
+            content: vec![1].into(),
+            slot: SlotHold::default(),
+        })
+    }
+
+    /// What the writer reports after committing `copy` to device 1.
+    fn stored(copy: &Envelope) -> Change {
+        Change::Stored {
+            dest: addr(1),
+            took_slot: copy.slot.take(),
+        }
     }
 
     fn granted(r: Reserve) -> Vec<Reserved> {
@@ -309,7 +322,8 @@ mod tests {
         let q = Quota::new(1, Duration::from_secs(60));
         q.loaded(&[(addr(1), 0)]);
         let slot = granted(q.reserve(&[addr(1)]));
-        q.committed(&[Change::Stored(addr(1), Uuid::now_v7())]);
+        // Not bound: a copy relayed from another node, say.
+        q.committed(&[stored(&copy())]);
         drop(slot);
         assert!(matches!(q.reserve(&[addr(1)]), Reserve::Full));
         q.committed(&[Change::Deleted(addr(1))]);
@@ -321,9 +335,9 @@ mod tests {
         let q = Quota::new(2, Duration::from_secs(60));
         q.loaded(&[(addr(1), 0)]);
         let mut slots = granted(q.reserve(&[addr(1)]));
-        let guid = Uuid::now_v7();
-        slots[0].bind(guid);
-        q.committed(&[Change::Stored(addr(1), guid)]);
+        let copy = copy();
+        slots[0].bind(&copy);
+        q.committed(&[stored(&copy)]);
         // Stored, no longer reserved, though its sender still holds the
         // slot: there is room for one more.
         assert_eq!(q.slots()[&addr(1)].stored, 1);
@@ -343,14 +357,14 @@ mod tests {
         let q = Quota::new(1, Duration::from_secs(60));
         q.loaded(&[(addr(1), 0)]);
         let mut slots = granted(q.reserve(&[addr(1)]));
-        let guid = Uuid::now_v7();
-        slots[0].bind(guid);
+        let copy = copy();
+        slots[0].bind(&copy);
         drop(slots); // acknowledged live
         assert_eq!(q.slots()[&addr(1)].reserved, 0);
-        // A later commit of the same guid (a spill after a late ack) counts
+        // A later commit of the same copy (a spill after a late ack) counts
         // it stored, and takes no reservation it does not have.
         let held = granted(q.reserve(&[addr(1)]));
-        q.committed(&[Change::Stored(addr(1), guid)]);
+        q.committed(&[stored(&copy)]);
         assert_eq!(q.slots()[&addr(1)].reserved, 1);
         assert_eq!(q.slots()[&addr(1)].stored, 1);
         drop(held);
