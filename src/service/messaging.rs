@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::actors::mailbox::quota::{Reserve, Reserved};
 use crate::actors::mailbox::spill_status;
 use crate::actors::push::Wake;
-use crate::actors::router::{AckAt, Deliver, Route, Via};
+use crate::actors::router::{AckAt, Deliver, Route, Router, Via};
 use crate::domain::access::{self, AccessKey};
 use crate::domain::address::{AccountId, Address};
 use crate::domain::device_set::{self, DeviceSetError};
@@ -252,18 +252,23 @@ async fn reserve(state: &State, dests: &[Address]) -> Result<Vec<Reserved>, ApiE
     Err(ApiError::Unavailable)
 }
 
-/// Hands every copy on, and once each is queued where it goes (so a later
-/// send of the same connection cannot overtake it), gives back the future
-/// of the answer: it resolves once each copy is acknowledged live or
-/// committed to its mailbox (or, if ephemeral, pushed or dropped).
+/// Hands every copy on, right here, and gives back the future of the
+/// answer: it resolves once each copy is acknowledged live or committed to
+/// its mailbox (or, if ephemeral, pushed or dropped).
 ///
 /// A copy for a device connected here goes straight to its session
 /// ([`crate::actors::router::Live`]); one for a device that is not is
 /// stored (alone) or handed to the router, which finds its node (cluster).
-pub async fn route(
+/// In a cluster a later send of the same connection must wait until the
+/// router has taken those ([`Routed::taken`]), so that a copy of it, which
+/// may find the device connected here by then, cannot overtake them.
+///
+/// Not `async`: on a node alone nothing here waits, and a future to poll
+/// once cost a boxed 800-byte state machine per send.
+pub fn route(
     state: &State,
     prepared: Prepared,
-) -> impl Future<Output = Result<SendResponse, ApiError>> + use<> {
+) -> Routed<impl Future<Output = Result<SendResponse, ApiError>> + use<>> {
     let server_timestamp = store::now_ms();
     let Prepared {
         sender,
@@ -300,10 +305,7 @@ pub async fn route(
         state
             .live
             .deliver_or(to, deliver, |absent| match &state.cluster {
-                // The router asks the cluster where the device is; the
-                // send waits until the router has taken the copy, so that
-                // a copy of this connection's next send, which may find
-                // the device connected here by then, cannot overtake it.
+                // The router asks the cluster where the device is.
                 Some(_) => to_router.push(state.router.send(Route {
                     dest: to,
                     envelope: absent.envelope,
@@ -315,16 +317,11 @@ pub async fn route(
             });
         waits.push((to, envelope, outcome, slot));
     }
-    for queued in to_router {
-        // An error means the router is gone (shutdown): the copy's reply
-        // is dropped with it, and the wait below stores the copy.
-        let _ = queued.await;
-    }
     if !ephemeral {
         state.metrics.messages_accepted.inc_by(waits.len() as u64);
     }
     let writer = state.writer.clone();
-    async move {
+    let outcome = async move {
         let mut results = Vec::with_capacity(waits.len());
         let mut failed = false;
         // Every outcome is awaited, even after a failure: a copy is either
@@ -353,6 +350,33 @@ pub async fn route(
             return Err(ApiError::Internal);
         }
         Ok(SendResponse { results })
+    };
+    Routed { to_router, outcome }
+}
+
+/// A routed send: its copies handed on, and the future of its answer.
+pub struct Routed<O> {
+    /// In a cluster: copies handed to the router, which has yet to take
+    /// them.
+    to_router: Vec<actix::dev::Request<Router, Route>>,
+    /// The answer, once every copy's outcome is known.
+    pub outcome: O,
+}
+
+impl<O> Routed<O> {
+    /// Every copy is queued where it goes: a later send may be routed.
+    pub fn is_taken(&self) -> bool {
+        self.to_router.is_empty()
+    }
+
+    /// Waits until every copy is queued where it goes; then the answer.
+    pub async fn taken(self) -> O {
+        for queued in self.to_router {
+            // An error means the router is gone (shutdown): the copy's
+            // reply is dropped with it, and the outcome stores the copy.
+            let _ = queued.await;
+        }
+        self.outcome
     }
 }
 
@@ -386,7 +410,8 @@ pub async fn send(
 ) -> Result<SendResponse, ApiError> {
     let prepared = prepare(state, from, destination, body).await?;
     let state = state.clone();
-    actix_web::rt::spawn(async move { route(&state, prepared).await.await })
+    let routed = route(&state, prepared);
+    actix_web::rt::spawn(async move { routed.taken().await.await })
         .await
         .unwrap_or(Err(ApiError::Internal))
 }

@@ -136,8 +136,8 @@ pub async fn send(
     // Every copy is acknowledged or committed before the answer; the
     // per-device outcomes are not part of it (libsignal's client reads only
     // `uuids404`).
-    let routing = state.clone();
-    actix_web::rt::spawn(async move { messaging::route(&routing, prepared).await.await })
+    let routed = messaging::route(state, prepared);
+    actix_web::rt::spawn(async move { routed.taken().await.await })
         .await
         .unwrap_or(Err(ApiError::Internal))?;
     Ok(MultiRecipientResponse {

@@ -87,29 +87,24 @@ impl Sends {
             Ok(prepared) => prepared,
             Err(e) => return finish(&gate, answer, Err(e)),
         };
-        // Its output is the future of the outcomes, awaited apart: once
-        // every copy is handed on, the next send need not wait for those
-        // outcomes.
-        #[allow(clippy::async_yields_async)]
-        let mut route = Box::pin(async move { messaging::route(&state, prepared).await });
-        match route.as_mut().poll(&mut now) {
+        let routed = messaging::route(&state, prepared);
+        if routed.is_taken() {
             // Every copy is handed on; the next send may be routed at once.
-            Poll::Ready(outcome) => self.waits.push(async move {
+            let outcome = routed.outcome;
+            return self.waits.push(async move {
                 let result = outcome.await;
                 finish(&gate, answer, result);
-            }),
-            // In a cluster the router must take a copy first.
-            Poll::Pending => {
-                let (routed_tx, routed_rx) = oneshot::channel();
-                self.last_routed = Some(routed_rx);
-                self.waits.push(async move {
-                    let outcome = route.await;
-                    let _ = routed_tx.send(());
-                    let result = outcome.await;
-                    finish(&gate, answer, result);
-                });
-            }
+            });
         }
+        // In a cluster the router must take a copy first.
+        let (routed_tx, routed_rx) = oneshot::channel();
+        self.last_routed = Some(routed_rx);
+        self.waits.push(async move {
+            let outcome = routed.taken().await;
+            let _ = routed_tx.send(());
+            let result = outcome.await;
+            finish(&gate, answer, result);
+        });
     }
 
     /// The rest of [`Sends::start`], driven by [`Waits`]: prepared
@@ -131,7 +126,7 @@ impl Sends {
             }
             let result = match prepared {
                 Ok(prepared) => {
-                    let outcome = Box::pin(messaging::route(&state, prepared)).await;
+                    let outcome = messaging::route(&state, prepared).taken().await;
                     let _ = routed_tx.send(());
                     outcome.await
                 }
