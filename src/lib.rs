@@ -17,10 +17,12 @@
 //! - [`cluster`]: the bus between nodes (presence, packets, shared limits)
 //!   behind a trait of its own; Redis is its one implementation.
 //! - [`error`]: the SPEC's error bodies; [`limits`]: GCRA rate limits;
-//!   [`metrics`]: Prometheus; [`systemd`]: sd_notify.
+//!   [`metrics`]: Prometheus; [`systemd`]: sd_notify; [`clock`]: a cheap
+//!   clock for ages.
 
 pub mod actors;
 pub mod app;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod domain;

@@ -23,9 +23,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::generations::{Generation, Generations};
+use crate::clock::Tick;
 use crate::domain::address::{AccountId, DeviceId};
 use crate::error::ApiError;
 use crate::store::{self, Pool};
@@ -39,7 +40,7 @@ pub type DeviceSet = Arc<BTreeMap<u32, i64>>;
 const MAX_ENTRIES: usize = 200_000;
 
 struct Entry {
-    at: Instant,
+    at: Tick,
     set: DeviceSet,
     /// A re-read in the background was started: none is started again
     /// for this entry (one that fails leaves it to expire).
@@ -70,7 +71,7 @@ impl Inner {
             self.entries.clear();
         }
         let entry = Entry {
-            at: Instant::now(),
+            at: Tick::now(),
             set: set.clone(),
             refreshing: false,
         };

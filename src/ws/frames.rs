@@ -3,6 +3,7 @@
 
 use super::session::{close_code, DeviceSession, MAX_UNSENT_BYTES};
 use super::transport::Outbox;
+use crate::clock::Tick;
 use crate::error::ApiError;
 use crate::service::messaging::SendAs;
 use crate::wire::{self, ClientFrame, ServerFrame, MAX_SEND_BYTES};
@@ -21,7 +22,7 @@ pub const MAX_FRAME_BYTES: usize = 2 * MAX_SEND_BYTES;
 
 impl StreamHandler<Result<Frame, ProtocolError>> for DeviceSession {
     fn handle(&mut self, frame: Result<Frame, ProtocolError>, ctx: &mut Context<Self>) {
-        self.heartbeat = std::time::Instant::now();
+        self.heartbeat = Tick::now();
         let frame = match frame {
             Ok(frame) => frame,
             Err(ProtocolError::Overflow) => {

@@ -36,6 +36,7 @@ use super::transport::{finish_or_cut, Outbox};
 use crate::actors::router::{
     AckLive, Close, Connect, Deliver, Disconnect, Rescan, RouteReply, SessionHandle,
 };
+use crate::clock::Tick;
 use crate::domain::address::Address;
 use crate::domain::envelope::Envelope;
 use crate::error::ApiError;
@@ -93,7 +94,7 @@ pub struct DeviceSession {
     pub(super) state: State,
     pub(super) phase: Phase,
     /// When the peer last sent anything.
-    pub(super) heartbeat: Instant,
+    pub(super) heartbeat: Tick,
     pub(super) sends: Sends,
     pub(super) outbox: Outbox,
     pub(super) held: Held,
@@ -132,7 +133,7 @@ impl DeviceSession {
             address,
             state,
             phase: Phase::Starting,
-            heartbeat: Instant::now(),
+            heartbeat: Tick::now(),
             sends: Sends::new(gate),
             outbox,
             held: Held::default(),

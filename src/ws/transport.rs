@@ -22,7 +22,7 @@ use std::io::{self, IoSlice, Read as _};
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_codec::{Decoder, Encoder};
 use actix_http::ws::{CloseReason, Codec, Frame, Message, OpCode, Parser, ProtocolError};
@@ -31,6 +31,7 @@ use actix_web::web::{Buf, Bytes, BytesMut};
 use futures_util::Stream;
 use tokio::io::Interest;
 
+use crate::clock::Tick;
 use crate::service::state::{OpenConnections, OpenGuard};
 
 /// An upgraded connection, as the handshake leaves it: the socket, and any
@@ -63,7 +64,7 @@ struct OutboxState {
     unsent: usize,
     /// When bytes were last written to the socket (or the outbox last went
     /// from empty to non-empty): "no write progress since".
-    progress: Instant,
+    progress: Tick,
     /// The writer, waiting for frames.
     waker: Option<Waker>,
     /// No more frames will come: the writer ends once `frames` is empty.
@@ -79,7 +80,7 @@ impl OutboxState {
     /// Queues one encoded frame and wakes the writer.
     fn push(&mut self, frame: Bytes) {
         if self.frames.is_empty() {
-            self.progress = Instant::now();
+            self.progress = Tick::now();
         }
         self.unsent += frame.len();
         self.frames.push_back(frame);
@@ -91,7 +92,7 @@ impl OutboxState {
     /// `n` bytes from the front of the queue were written.
     fn written(&mut self, mut n: usize) {
         self.unsent -= n;
-        self.progress = Instant::now();
+        self.progress = Tick::now();
         while n > 0 {
             let Some(front) = self.frames.front_mut() else {
                 break;
@@ -123,7 +124,7 @@ impl Outbox {
         let state = Rc::new(RefCell::new(OutboxState {
             frames: VecDeque::new(),
             unsent: 0,
-            progress: Instant::now(),
+            progress: Tick::now(),
             waker: None,
             finished: false,
             socket,

@@ -10,7 +10,6 @@
 
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::time::Instant;
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, StreamHandler, WeakAddr};
 use actix_http::ws::{Frame, Item, ProtocolError};
@@ -21,6 +20,7 @@ use super::sends::Sends;
 use super::session::MAX_UNSENT_BYTES;
 use super::session::{close_code, CLIENT_TIMEOUT, CLOSE_GRACE, HEARTBEAT_INTERVAL};
 use super::transport::{finish_or_cut, Outbox};
+use crate::clock::Tick;
 use crate::domain::access::AccessKey;
 use crate::error::ApiError;
 use crate::http::auth::access_key;
@@ -36,7 +36,7 @@ pub struct SenderSession {
     state: State,
     sends: Sends,
     outbox: Outbox,
-    heartbeat: Instant,
+    heartbeat: Tick,
     bad_frames: u32,
     /// A text message arriving in fragments; `None` while skipping one.
     fragments: Option<Vec<u8>>,
@@ -52,7 +52,7 @@ impl SenderSession {
             state,
             sends: Sends::new(gate),
             outbox,
-            heartbeat: Instant::now(),
+            heartbeat: Tick::now(),
             bad_frames: 0,
             fragments: None,
             me: None,
@@ -212,7 +212,7 @@ impl Actor for SenderSession {
 
 impl StreamHandler<Result<Frame, ProtocolError>> for SenderSession {
     fn handle(&mut self, frame: Result<Frame, ProtocolError>, ctx: &mut Context<Self>) {
-        self.heartbeat = Instant::now();
+        self.heartbeat = Tick::now();
         let frame = match frame {
             Ok(frame) => frame,
             Err(ProtocolError::Overflow) => {

@@ -35,7 +35,9 @@
 //! BENCHMARKS.md, "The fifth sitting").
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Tick;
 
 use crate::domain::address::{AccountId, Address, DeviceId};
 use crate::domain::envelope::Envelope;
@@ -48,7 +50,7 @@ const MAX_DEVICES: usize = 100_000;
 struct Slot {
     stored: i64,
     reserved: i64,
-    loaded: Instant,
+    loaded: Tick,
     /// A re-read was asked for and has not come back.
     refreshing: bool,
 }
@@ -58,7 +60,7 @@ impl Slot {
         Slot {
             stored,
             reserved: 0,
-            loaded: Instant::now(),
+            loaded: Tick::now(),
             refreshing: false,
         }
     }
@@ -102,10 +104,10 @@ impl Quota {
     /// Reserves one slot in each of `dests` (distinct addresses), all or none.
     pub fn reserve(self: &Arc<Self>, dests: &[Address]) -> Reserve {
         let mut slots = self.slots();
-        let (ttl, now) = (self.ttl, Instant::now());
+        let (ttl, now) = (self.ttl, Tick::now());
         let unknown: Vec<Address> = dests
             .iter()
-            .filter(|d| slots.get(d).is_none_or(|s| now - s.loaded > ttl))
+            .filter(|d| slots.get(d).is_none_or(|s| now.since(s.loaded) > ttl))
             .copied()
             .collect();
         if !unknown.is_empty() {
@@ -122,7 +124,7 @@ impl Quota {
         for d in dests {
             if let Some(s) = slots.get_mut(d) {
                 s.reserved += 1;
-                if !s.refreshing && now - s.loaded > crate::refresh_age(ttl, d.spread_key()) {
+                if !s.refreshing && now.since(s.loaded) > crate::refresh_age(ttl, d.spread_key()) {
                     s.refreshing = true;
                     refresh.push(*d);
                 }
@@ -183,7 +185,7 @@ impl Quota {
                 Some(s) if !s.refreshing && s.loaded.elapsed() <= ttl => {}
                 Some(s) => {
                     s.stored = stored;
-                    s.loaded = Instant::now();
+                    s.loaded = Tick::now();
                     s.refreshing = false;
                 }
                 None => {
