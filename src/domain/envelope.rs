@@ -311,20 +311,28 @@ pub fn validate_send(body: RawSend) -> Result<ValidSend, SendRefusal> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_slot_is_taken_once_and_a_clone_holds_none() {
-        let copy = Envelope {
-            guid: Uuid::nil(),
+impl Envelope {
+    /// A one-byte copy from nobody, holding no slot: for unit tests.
+    pub(crate) fn test_copy() -> Envelope {
+        Envelope {
+            guid: Uuid::now_v7(),
             source: None,
             msg_type: 1,
             timestamp: 0,
             server_timestamp: 0,
             content: vec![1].into(),
             slot: SlotHold::default(),
-        };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_is_taken_once_and_a_clone_holds_none() {
+        let copy = Envelope::test_copy();
         assert!(!copy.slot.take(), "nothing held until told");
         copy.slot.hold();
         let clone = copy.clone();

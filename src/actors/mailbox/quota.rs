@@ -259,22 +259,13 @@ impl Drop for Reserved {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::envelope::SlotHold;
 
     fn addr(device: u32) -> Address {
         Address::new(AccountId(uuid::Uuid::nil()), DeviceId(device))
     }
 
     fn copy() -> Arc<Envelope> {
-        Arc::new(Envelope {
-            guid: uuid::Uuid::now_v7(),
-            source: None,
-            msg_type: 1,
-            timestamp: 0,
-            server_timestamp: 0,
-            content: vec![1].into(),
-            slot: SlotHold::default(),
-        })
+        Arc::new(Envelope::test_copy())
     }
 
     /// What the writer reports after committing `copy` to device 1.
