@@ -409,8 +409,7 @@ pub async fn send(
     body: SendRequest,
 ) -> Result<SendResponse, ApiError> {
     let prepared = prepare(state, from, destination, body).await?;
-    let state = state.clone();
-    let routed = route(&state, prepared);
+    let routed = route(state, prepared);
     actix_web::rt::spawn(async move { routed.taken().await.await })
         .await
         .unwrap_or(Err(ApiError::Internal))
