@@ -100,9 +100,7 @@ impl Sends {
         let (routed_tx, routed_rx) = oneshot::channel();
         self.last_routed = Some(routed_rx);
         self.waits.push(async move {
-            let outcome = routed.taken().await;
-            let _ = routed_tx.send(());
-            let result = outcome.await;
+            let result = taken_then_outcome(routed, routed_tx).await;
             finish(&gate, answer, result);
         });
     }
@@ -126,9 +124,7 @@ impl Sends {
             }
             let result = match prepared {
                 Ok(prepared) => {
-                    let outcome = messaging::route(&state, prepared).taken().await;
-                    let _ = routed_tx.send(());
-                    outcome.await
+                    taken_then_outcome(messaging::route(&state, prepared), routed_tx).await
                 }
                 Err(e) => {
                     let _ = routed_tx.send(());
@@ -138,6 +134,18 @@ impl Sends {
             finish(&gate, answer, result);
         });
     }
+}
+
+/// A routed send whose copies the router has yet to take (in a cluster):
+/// once it has, `routed_signal` lets the connection's next send be routed,
+/// then the answer waits for the copies' outcomes.
+async fn taken_then_outcome<O: Future>(
+    routed: messaging::Routed<O>,
+    routed_signal: oneshot::Sender<()>,
+) -> O::Output {
+    let outcome = routed.taken().await;
+    let _ = routed_signal.send(());
+    outcome.await
 }
 
 /// A send's end: its gate slot back (after a pause if it was rate-limited),
