@@ -231,6 +231,7 @@ async fn start(config: Arc<Config>) -> Result<State, RunError> {
         cluster,
         draining: AtomicBool::new(false),
         connections: Default::default(),
+        unidentified: Default::default(),
     });
     if let Some(events) = bus_events {
         // Until the bus is up, this node cannot hear other nodes' changes.
@@ -346,8 +347,11 @@ async fn drain(state: &State, handle: &ServerHandle) {
     systemd::stopping("draining");
     state.draining.store(true, Ordering::Release);
     handle.pause().await;
-    // Rendezvous sides hold nothing to spill: they are closed with 1001.
+    // Rendezvous sides hold nothing to spill: they are closed with 1001,
+    // and so are unidentified sessions (they only send).
     let _ = state.rendezvous.send(DrainChannels).await;
+    let unidentified = state.unidentified.drain();
+    log::info!("closing {unidentified} unidentified sessions");
     let timeout = state.config.drain_timeout();
     let drained = actix_web::rt::time::timeout(timeout, state.router.send(Drain)).await;
     if drained.is_err() {

@@ -55,6 +55,28 @@ async fn sigterm_drains_live_copies_to_the_mailbox(backend: Backend) {
     assert_eq!(queued[0]["content"], b64(b"in flight"));
 }
 
+/// SIGTERM closes an unidentified (sealed-sender) WebSocket with 1001 as
+/// well, beside a device's, and the process exits 0. No actor tracks such a
+/// session, and it used to be dropped without a close frame when the
+/// server stopped.
+async fn sigterm_closes_unidentified_sockets_with_1001(backend: Backend) {
+    let db = Database::fresh(backend);
+    let mut server = CourierProcess::start(&db.url(), &[]);
+    let base = server.url("");
+    let bob = TestDevice::register_at(&base).await;
+    let mut bob_ws = bob.connect().await;
+    assert!(bob_ws.drain_queue().await.is_empty());
+    let mut sealed = Ws::unidentified(&base).await;
+    // The session is up (and listed) once it answers a frame.
+    sealed.send_text("not json").await;
+    assert_eq!(sealed.until_op("error").await.0["op"], "error");
+
+    server.signal("TERM");
+    assert_eq!(sealed.closed().await, Some(1001));
+    assert_eq!(bob_ws.closed().await, Some(1001));
+    assert_eq!(server.wait_exit(Duration::from_secs(15)), Some(0));
+}
+
 /// READY=1 arrives on NOTIFY_SOCKET once the port accepts connections;
 /// STOPPING=1 on SIGTERM.
 async fn systemd_notify_ready_then_stopping(backend: Backend) {
@@ -605,6 +627,7 @@ fn version_flag_prints_the_version() {
 
 backends!(
     sigterm_drains_live_copies_to_the_mailbox,
+    sigterm_closes_unidentified_sockets_with_1001,
     systemd_notify_ready_then_stopping,
     rate_limits_are_per_key,
     retention_sweep_deletes_old_copies,

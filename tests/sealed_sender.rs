@@ -10,7 +10,6 @@ use courier::domain::certificates::check_sender_certificate;
 use courier::limits::Limit;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use common::*;
 
@@ -58,16 +57,6 @@ async fn set_key(device: &TestDevice, key: Option<&[u8]>, unrestricted: bool) ->
         .request(Method::PUT, "/v1/accounts/attributes", Some(&body))
         .await
         .0
-}
-
-/// A WebSocket with no credentials at all.
-async fn unidentified(base: &str) -> Ws {
-    let url = base.replacen("http://", "ws://", 1) + "/v1/websocket";
-    let req = url.into_client_request().unwrap();
-    let (stream, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("connect");
-    Ws { stream }
 }
 
 async fn certificates_chain_to_the_trust_root(backend: Backend) {
@@ -263,7 +252,7 @@ async fn an_unidentified_websocket_only_sends(backend: Backend) {
         StatusCode::NO_CONTENT
     );
     let mut bob_ws = connect_empty(&bob).await;
-    let mut ws = unidentified(&server.url("")).await;
+    let mut ws = Ws::unidentified(&server.url("")).await;
 
     let mut frame = send_frame(1, &bob.uuid, &[bob.target()], b"over ws", false);
     frame["messages"][0]["type"] = json!(6);
@@ -353,8 +342,8 @@ async fn unidentified_connections_are_limited_per_address(backend: Backend) {
         c.limits[Limit::UnidentifiedConnectPerIp] = "2/h".parse().unwrap();
     })
     .await;
-    let first = unidentified(&server.url("")).await;
-    let second = unidentified(&server.url("")).await;
+    let first = Ws::unidentified(&server.url("")).await;
+    let second = Ws::unidentified(&server.url("")).await;
     let url = server.url("/v1/websocket").replacen("http://", "ws://", 1);
     match tokio_tungstenite::connect_async(url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {

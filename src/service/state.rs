@@ -1,16 +1,17 @@
 //! `AppState`: the handles every handler and session shares. Built once by
 //! `app::run`, handed to actix-web as `web::Data` (an `Arc`).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use actix::Addr;
+use actix::{Addr, WeakRecipient};
 
 use crate::actors::keys::KeysActor;
 use crate::actors::mailbox::MailboxWriter;
 use crate::actors::push::Pusher;
 use crate::actors::rendezvous::RendezvousHub;
-use crate::actors::router::{Live, Router};
+use crate::actors::router::{Close, Live, Router};
 use crate::config::Config;
 use crate::domain::at_rest::StorageKeys;
 use crate::limits::Limiters;
@@ -54,6 +55,8 @@ pub struct AppState {
     /// The WebSocket connections open here (a graceful shutdown waits for
     /// their last frames to be written).
     pub connections: OpenConnections,
+    /// The unidentified (sealed-sender) sessions, for the drain.
+    pub unidentified: UnidentifiedSessions,
 }
 
 impl AppState {
@@ -86,5 +89,108 @@ pub struct OpenGuard(Arc<AtomicUsize>);
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The unidentified (sealed-sender) WebSocket sessions open here. The
+/// router keeps the devices' sessions and the hub the rendezvous sides, but
+/// nothing else knows these, so the graceful drain tells them
+/// [`Close::Draining`] from here. Without it they were left until the
+/// server stopped, and their sockets dropped without a close frame.
+#[derive(Default)]
+pub struct UnidentifiedSessions(Mutex<Sessions>);
+
+#[derive(Default)]
+struct Sessions {
+    next: u64,
+    /// Weak: an entry does not keep a stopped session's mailbox open.
+    open: HashMap<u64, WeakRecipient<Close>>,
+    draining: bool,
+}
+
+impl UnidentifiedSessions {
+    /// Keeps `session` until [`UnidentifiedSessions::remove`] with the id
+    /// returned. A session opened once the drain has begun is told at once.
+    pub fn add(&self, session: WeakRecipient<Close>) -> u64 {
+        let mut s = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.draining {
+            if let Some(session) = session.upgrade() {
+                session.do_send(Close::Draining);
+            }
+        }
+        s.next += 1;
+        let id = s.next;
+        s.open.insert(id, session);
+        id
+    }
+
+    pub fn remove(&self, id: u64) {
+        let mut s = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        s.open.remove(&id);
+    }
+
+    /// Tells every session [`Close::Draining`] (and any opened later).
+    pub fn drain(&self) -> usize {
+        let sessions: Vec<_> = {
+            let mut s = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            s.draining = true;
+            s.open.values().filter_map(WeakRecipient::upgrade).collect()
+        };
+        for session in &sessions {
+            session.do_send(Close::Draining);
+        }
+        sessions.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix::{Actor, Context, Handler, Message, MessageResult};
+
+    use super::*;
+
+    /// Records the `Close`s it is told.
+    #[derive(Default)]
+    struct Probe(Vec<Close>);
+
+    impl Actor for Probe {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Close> for Probe {
+        type Result = ();
+        fn handle(&mut self, msg: Close, _: &mut Context<Self>) {
+            self.0.push(msg);
+        }
+    }
+
+    /// What a probe was told so far (its mailbox is in order).
+    #[derive(Message)]
+    #[rtype(result = "Vec<Close>")]
+    struct Told;
+
+    impl Handler<Told> for Probe {
+        type Result = MessageResult<Told>;
+        fn handle(&mut self, _: Told, _: &mut Context<Self>) -> Self::Result {
+            MessageResult(self.0.clone())
+        }
+    }
+
+    #[actix::test]
+    async fn the_drain_tells_listed_and_later_sessions_but_not_removed_ones() {
+        let sessions = UnidentifiedSessions::default();
+        let listed = Probe::default().start();
+        let removed = Probe::default().start();
+        sessions.add(listed.downgrade().recipient());
+        let id = sessions.add(removed.downgrade().recipient());
+        sessions.remove(id);
+
+        assert_eq!(sessions.drain(), 1);
+        let later = Probe::default().start();
+        sessions.add(later.downgrade().recipient());
+
+        assert_eq!(listed.send(Told).await.unwrap(), vec![Close::Draining]);
+        assert_eq!(removed.send(Told).await.unwrap(), vec![]);
+        assert_eq!(later.send(Told).await.unwrap(), vec![Close::Draining]);
     }
 }

@@ -20,6 +20,7 @@ use super::sends::Sends;
 use super::session::MAX_UNSENT_BYTES;
 use super::session::{close_code, CLIENT_TIMEOUT, CLOSE_GRACE, HEARTBEAT_INTERVAL};
 use super::transport::{finish_or_cut, Outbox};
+use crate::actors::router::Close;
 use crate::clock::Tick;
 use crate::domain::access::AccessKey;
 use crate::error::ApiError;
@@ -43,6 +44,8 @@ pub struct SenderSession {
     /// This session's own address, for its sends' answers (see
     /// [`answer_into`]); made once.
     me: Option<WeakAddr<Self>>,
+    /// Its entry in `state.unidentified`, once started.
+    listed: Option<u64>,
 }
 
 impl SenderSession {
@@ -56,6 +59,7 @@ impl SenderSession {
             bad_frames: 0,
             fragments: None,
             me: None,
+            listed: None,
         }
     }
 
@@ -190,10 +194,22 @@ impl Handler<Overflowed> for SenderSession {
     }
 }
 
+/// Only the drain tells an unidentified session to close (the router
+/// never sees it): with `1001`, as every other socket.
+impl Handler<Close> for SenderSession {
+    type Result = ();
+
+    fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
+        self.close(close_code::GOING_AWAY, "server is shutting down", ctx);
+    }
+}
+
 impl Actor for SenderSession {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        let me = own_address(&mut self.me, ctx).recipient();
+        self.listed = Some(self.state.unidentified.add(me));
         ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| {
             if act.heartbeat.elapsed() >= CLIENT_TIMEOUT
                 || act.outbox.stalled_for() >= CLIENT_TIMEOUT
@@ -206,6 +222,9 @@ impl Actor for SenderSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        if let Some(id) = self.listed.take() {
+            self.state.unidentified.remove(id);
+        }
         finish_or_cut(&self.outbox, CLOSE_GRACE);
     }
 }

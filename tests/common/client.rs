@@ -235,6 +235,17 @@ pub enum Frame {
 }
 
 impl Ws {
+    /// Opens `/v1/websocket` with no credentials at all: an unidentified
+    /// (sealed-sender) connection.
+    pub async fn unidentified(base: &str) -> Ws {
+        let url = base.replacen("http://", "ws://", 1) + "/v1/websocket";
+        let req = url.into_client_request().expect("ws request");
+        let (stream, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("ws connect");
+        Ws { stream }
+    }
+
     pub async fn send_json(&mut self, v: &Value) {
         self.stream
             .send(Message::Text(v.to_string()))
