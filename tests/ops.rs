@@ -55,6 +55,39 @@ async fn sigterm_drains_live_copies_to_the_mailbox(backend: Backend) {
     assert_eq!(queued[0]["content"], b64(b"in flight"));
 }
 
+/// SIGTERM while a WebSocket send waits for its copy's outcome (the device
+/// has not acked it): the copy is spilled, and the sender's socket gets the
+/// send's answer, `queued`, before its close frame (1001). Closed at once,
+/// the socket dropped the answer, and a client would send again.
+async fn sigterm_answers_websocket_sends_before_1001(backend: Backend) {
+    let db = Database::fresh(backend);
+    let env = [("COURIER_ACK_TIMEOUT_MS", "30000")];
+    let mut server = CourierProcess::start(&db.url(), &env);
+    let base = server.url("");
+    let alice = TestDevice::register_at(&base).await;
+    let bob = TestDevice::register_at(&base).await;
+    let mut bob_ws = bob.connect().await;
+    assert!(bob_ws.drain_queue().await.is_empty());
+    let mut alice_ws = alice.connect().await;
+    assert!(alice_ws.drain_queue().await.is_empty());
+
+    let mut frame = send_body(&[bob.target()], b"in flight", false);
+    frame["op"] = json!("send");
+    frame["id"] = json!(7);
+    frame["destination"] = json!(bob.uuid);
+    alice_ws.send_json(&frame).await;
+    bob_ws.until_op("message").await;
+
+    server.signal("TERM");
+    let (answer, _) = alice_ws.until_op("response").await;
+    assert_eq!(answer["id"], 7, "{answer}");
+    assert_eq!(answer["status"], 200, "{answer}");
+    assert_eq!(answer["body"]["results"][0]["status"], "queued", "{answer}");
+    assert_eq!(alice_ws.closed().await, Some(1001));
+    assert_eq!(bob_ws.closed().await, Some(1001));
+    assert_eq!(server.wait_exit(Duration::from_secs(15)), Some(0));
+}
+
 /// SIGTERM closes an unidentified (sealed-sender) WebSocket with 1001 as
 /// well, beside a device's, and the process exits 0. No actor tracks such a
 /// session, and it used to be dropped without a close frame when the
@@ -627,6 +660,7 @@ fn version_flag_prints_the_version() {
 
 backends!(
     sigterm_drains_live_copies_to_the_mailbox,
+    sigterm_answers_websocket_sends_before_1001,
     sigterm_closes_unidentified_sockets_with_1001,
     systemd_notify_ready_then_stopping,
     rate_limits_are_per_key,

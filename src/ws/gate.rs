@@ -49,6 +49,11 @@ impl InflightGate {
         }
     }
 
+    /// Sends taken and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.count.get()
+    }
+
     pub fn acquire(&self) {
         self.count.set(self.count.get() + 1);
     }

@@ -15,7 +15,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
+use actix::{Actor, AsyncContext, Context};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::oneshot::{self, error::TryRecvError};
 
@@ -135,6 +137,37 @@ impl Sends {
         });
     }
 }
+
+/// How long a connection told to close at the drain waits for its sends in
+/// flight to be answered before it writes its close frame anyway. Their
+/// copies are being spilled, and answered `queued`, as it waits; this bounds
+/// a send whose copy waits on another node's device. Well within the two
+/// seconds the drain gives connections to finish.
+const DRAIN_ANSWER_GRACE: Duration = Duration::from_secs(1);
+
+/// At the drain: runs `close` on the session once the sends `sends` finds
+/// have all been answered, or after [`DRAIN_ANSWER_GRACE`]. A send still in
+/// flight when its socket closed went unanswered, though its copies were
+/// delivered or stored, and a client would send it again.
+pub(super) fn close_once_answered<A>(
+    ctx: &mut Context<A>,
+    sends: fn(&A) -> &Sends,
+    close: fn(&mut A, &mut Context<A>),
+) where
+    A: Actor<Context = Context<A>>,
+{
+    let until = Instant::now() + DRAIN_ANSWER_GRACE;
+    let check = move |act: &mut A, ctx: &mut Context<A>| {
+        if sends(act).gate.in_flight() == 0 || Instant::now() >= until {
+            close(act, ctx);
+        }
+    };
+    ctx.run_interval(ANSWER_POLL, check);
+    ctx.run_later(Duration::ZERO, check);
+}
+
+/// How often [`close_once_answered`] looks (a drain is rare and short).
+const ANSWER_POLL: Duration = Duration::from_millis(5);
 
 /// A routed send whose copies the router has yet to take (in a cluster):
 /// once it has, `routed_signal` lets the connection's next send be routed,

@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 
 use super::gate::InflightGate;
 use super::held::{Acked, Held, RecentAcks};
-use super::sends::Sends;
+use super::sends::{close_once_answered, Sends};
 use super::transport::{finish_or_cut, Outbox};
 use crate::actors::router::{
     AckLive, Close, Connect, Deliver, Disconnect, Rescan, RouteReply, SessionHandle,
@@ -221,6 +221,18 @@ impl DeviceSession {
             description: Some(why.to_owned()),
         }));
         ctx.stop();
+    }
+
+    /// At shutdown: spills what it holds at once, and closes with 1001 once
+    /// its own sends in flight are answered (see [`close_once_answered`]).
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        self.phase = Phase::Closing;
+        self.spill_all();
+        close_once_answered(
+            ctx,
+            |act| &act.sends,
+            |act, ctx| act.close(close_code::GOING_AWAY, "server is shutting down", ctx),
+        );
     }
 
     /// Resets the connection at once (the peer is not reading) and stops.
@@ -435,7 +447,7 @@ impl Handler<Close> for DeviceSession {
         match msg {
             Close::Replaced => self.close(close_code::REPLACED, "connected elsewhere", ctx),
             Close::Removed => self.close(close_code::REMOVED, "device removed", ctx),
-            Close::Draining => self.close(close_code::GOING_AWAY, "server is shutting down", ctx),
+            Close::Draining => self.drain(ctx),
         }
     }
 }

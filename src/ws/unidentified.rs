@@ -16,7 +16,7 @@ use actix_http::ws::{Frame, Item, ProtocolError};
 
 use super::frames::{answer_into, own_address, refusal_frame, Overflowed, MAX_FRAME_BYTES};
 use super::gate::InflightGate;
-use super::sends::Sends;
+use super::sends::{close_once_answered, Sends};
 use super::session::MAX_UNSENT_BYTES;
 use super::session::{close_code, CLIENT_TIMEOUT, CLOSE_GRACE, HEARTBEAT_INTERVAL};
 use super::transport::{finish_or_cut, Outbox};
@@ -195,12 +195,17 @@ impl Handler<Overflowed> for SenderSession {
 }
 
 /// Only the drain tells an unidentified session to close (the router
-/// never sees it): with `1001`, as every other socket.
+/// never sees it): with `1001`, as every other socket, once its sends in
+/// flight are answered (see [`close_once_answered`]).
 impl Handler<Close> for SenderSession {
     type Result = ();
 
     fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
-        self.close(close_code::GOING_AWAY, "server is shutting down", ctx);
+        close_once_answered(
+            ctx,
+            |act| &act.sends,
+            |act, ctx| act.close(close_code::GOING_AWAY, "server is shutting down", ctx),
+        );
     }
 }
 
