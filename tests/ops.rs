@@ -15,18 +15,47 @@ use diesel::Connection;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-/// SIGTERM while a device holds an unacknowledged live copy: the socket is
-/// closed with 1001, the sender is answered `queued`, the process exits 0,
-/// and after a restart the device gets the copy from its mailbox.
-async fn sigterm_drains_live_copies_to_the_mailbox(backend: Backend) {
+/// Acks wait 30 s here, so a pushed copy stays unacknowledged.
+const SLOW_ACKS: [(&str, &str); 1] = [("COURIER_ACK_TIMEOUT_MS", "30000")];
+
+/// A courier process (acks as [`SLOW_ACKS`]), two devices, and bob
+/// connected past his empty mailbox.
+struct Pair {
+    db: Database,
+    server: CourierProcess,
+    alice: TestDevice,
+    bob: TestDevice,
+    bob_ws: Ws,
+}
+
+async fn pair_on_a_process(backend: Backend) -> Pair {
     let db = Database::fresh(backend);
-    let env = [("COURIER_ACK_TIMEOUT_MS", "30000")];
-    let mut first = CourierProcess::start(&db.url(), &env);
-    let base = first.url("");
+    let server = CourierProcess::start(&db.url(), &SLOW_ACKS);
+    let base = server.url("");
     let alice = TestDevice::register_at(&base).await;
     let bob = TestDevice::register_at(&base).await;
     let mut bob_ws = bob.connect().await;
     assert!(bob_ws.drain_queue().await.is_empty());
+    Pair {
+        db,
+        server,
+        alice,
+        bob,
+        bob_ws,
+    }
+}
+
+/// SIGTERM while a device holds an unacknowledged live copy: the socket is
+/// closed with 1001, the sender is answered `queued`, the process exits 0,
+/// and after a restart the device gets the copy from its mailbox.
+async fn sigterm_drains_live_copies_to_the_mailbox(backend: Backend) {
+    let Pair {
+        db,
+        server: mut first,
+        alice,
+        bob,
+        mut bob_ws,
+    } = pair_on_a_process(backend).await;
 
     let sender = alice.clone();
     let bob_uuid = bob.uuid.clone();
@@ -43,7 +72,7 @@ async fn sigterm_drains_live_copies_to_the_mailbox(backend: Backend) {
     assert_eq!(first.wait_exit(Duration::from_secs(15)), Some(0));
     drop(first);
 
-    let second = CourierProcess::start(&db.url(), &env);
+    let second = CourierProcess::start(&db.url(), &SLOW_ACKS);
     let bob = TestDevice {
         base: second.url(""),
         ..bob
@@ -60,14 +89,13 @@ async fn sigterm_drains_live_copies_to_the_mailbox(backend: Backend) {
 /// send's answer, `queued`, before its close frame (1001). Closed at once,
 /// the socket dropped the answer, and a client would send again.
 async fn sigterm_answers_websocket_sends_before_1001(backend: Backend) {
-    let db = Database::fresh(backend);
-    let env = [("COURIER_ACK_TIMEOUT_MS", "30000")];
-    let mut server = CourierProcess::start(&db.url(), &env);
-    let base = server.url("");
-    let alice = TestDevice::register_at(&base).await;
-    let bob = TestDevice::register_at(&base).await;
-    let mut bob_ws = bob.connect().await;
-    assert!(bob_ws.drain_queue().await.is_empty());
+    let Pair {
+        db: _db,
+        mut server,
+        alice,
+        bob,
+        mut bob_ws,
+    } = pair_on_a_process(backend).await;
     let mut alice_ws = alice.connect().await;
     assert!(alice_ws.drain_queue().await.is_empty());
 

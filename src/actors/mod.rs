@@ -17,6 +17,8 @@
 pub mod group_commit;
 pub mod keys;
 pub mod mailbox;
+#[cfg(test)]
+pub(crate) mod probe;
 pub mod push;
 pub mod questions;
 pub mod relay;

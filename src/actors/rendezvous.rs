@@ -380,37 +380,10 @@ impl Handler<OpenCount> for RendezvousHub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actix::MessageResult;
+    use crate::actors::probe::{Probe, Seen};
 
     /// A side that records what the hub sends it.
-    #[derive(Default)]
-    struct Probe(Vec<ToSide>);
-
-    impl Actor for Probe {
-        type Context = Context<Self>;
-    }
-
-    impl Handler<ToSide> for Probe {
-        type Result = ();
-        fn handle(&mut self, msg: ToSide, _: &mut Context<Self>) {
-            self.0.push(msg);
-        }
-    }
-
-    /// What a probe has received so far (its mailbox is in order, so this
-    /// comes after everything sent to it before).
-    #[derive(Message)]
-    #[rtype(result = "Vec<ToSide>")]
-    struct Seen;
-
-    impl Handler<Seen> for Probe {
-        type Result = MessageResult<Seen>;
-        fn handle(&mut self, _: Seen, _: &mut Context<Self>) -> Self::Result {
-            MessageResult(self.0.clone())
-        }
-    }
-
-    fn probe() -> (Side, actix::Addr<Probe>) {
+    fn probe() -> (Side, actix::Addr<Probe<ToSide>>) {
         let addr = Probe::default().start();
         (addr.clone().recipient(), addr)
     }
@@ -497,7 +470,7 @@ mod tests {
         );
         // The hub has handled everything above, so its events are queued.
         assert_eq!(
-            b_seen.send(Seen).await.unwrap(),
+            b_seen.send(Seen::new()).await.unwrap(),
             [
                 ToSide::PeerJoined,
                 ToSide::Frame(frame(0)),
@@ -507,7 +480,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            a_seen.send(Seen).await.unwrap(),
+            a_seen.send(Seen::new()).await.unwrap(),
             [ToSide::PeerJoined, ToSide::PeerLeft]
         );
         assert_eq!(metrics.rendezvous_frames_relayed.get(), 4);

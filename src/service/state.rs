@@ -145,52 +145,32 @@ impl UnidentifiedSessions {
 
 #[cfg(test)]
 mod tests {
-    use actix::{Actor, Context, Handler, Message, MessageResult};
+    use actix::Actor;
 
     use super::*;
-
-    /// Records the `Close`s it is told.
-    #[derive(Default)]
-    struct Probe(Vec<Close>);
-
-    impl Actor for Probe {
-        type Context = Context<Self>;
-    }
-
-    impl Handler<Close> for Probe {
-        type Result = ();
-        fn handle(&mut self, msg: Close, _: &mut Context<Self>) {
-            self.0.push(msg);
-        }
-    }
-
-    /// What a probe was told so far (its mailbox is in order).
-    #[derive(Message)]
-    #[rtype(result = "Vec<Close>")]
-    struct Told;
-
-    impl Handler<Told> for Probe {
-        type Result = MessageResult<Told>;
-        fn handle(&mut self, _: Told, _: &mut Context<Self>) -> Self::Result {
-            MessageResult(self.0.clone())
-        }
-    }
+    use crate::actors::probe::{Probe, Seen};
 
     #[actix::test]
     async fn the_drain_tells_listed_and_later_sessions_but_not_removed_ones() {
         let sessions = UnidentifiedSessions::default();
-        let listed = Probe::default().start();
-        let removed = Probe::default().start();
+        let listed = Probe::<Close>::default().start();
+        let removed = Probe::<Close>::default().start();
         sessions.add(listed.downgrade().recipient());
         let id = sessions.add(removed.downgrade().recipient());
         sessions.remove(id);
 
         assert_eq!(sessions.drain(), 1);
-        let later = Probe::default().start();
+        let later = Probe::<Close>::default().start();
         sessions.add(later.downgrade().recipient());
 
-        assert_eq!(listed.send(Told).await.unwrap(), vec![Close::Draining]);
-        assert_eq!(removed.send(Told).await.unwrap(), vec![]);
-        assert_eq!(later.send(Told).await.unwrap(), vec![Close::Draining]);
+        assert_eq!(
+            listed.send(Seen::new()).await.unwrap(),
+            vec![Close::Draining]
+        );
+        assert_eq!(removed.send(Seen::new()).await.unwrap(), vec![]);
+        assert_eq!(
+            later.send(Seen::new()).await.unwrap(),
+            vec![Close::Draining]
+        );
     }
 }
