@@ -1,5 +1,6 @@
 //! Abuse: what one hostile account can do to others is bounded by the rate
-//! limits and the size limits, and everyone else keeps being served.
+//! limits, the size limits and the output bound, and everyone else keeps
+//! being served.
 
 mod common;
 
@@ -7,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use courier::limits::Limit;
+use futures_util::SinkExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 fn one_time_keys(ids: std::ops::RangeInclusive<u32>) -> Value {
     Value::Array(
@@ -230,7 +233,55 @@ async fn oversize_bodies_are_413(backend: Backend) {
     assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
 }
 
+/// A sender that writes sends and never reads their answers (each refused
+/// `409`, a stale device list, from the cached device set) is cut once its
+/// unsent answers pass 32 MiB, long before the 60 s no-progress timeout; the
+/// server's memory for it is bounded, and others are served meanwhile.
+async fn a_sender_that_never_reads_its_answers_is_cut(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mallory = TestDevice::register(&server).await;
+    let alice = TestDevice::register(&server).await;
+    let bob = TestDevice::register(&server).await;
+    let mut ws = mallory.connect_small_window(4 * 1024).await;
+    let frame = |id: u64| send_frame(id, &bob.uuid, &[(2, 1)], b"x", false);
+    ws.send_json(&frame(0)).await;
+    let (first, _) = ws.until_op("response").await;
+    assert_eq!(first["status"], 409, "{first}");
+    // Later ids have at most 6 more digits.
+    let answer_bytes = first.to_string().len() as u64 + 6;
+
+    let started = Instant::now();
+    let mut sent = 1u64;
+    let cut = loop {
+        if let Err(e) = ws.stream.feed(Message::Text(frame(sent).to_string())).await {
+            break e;
+        }
+        sent += 1;
+        if sent.is_multiple_of(1000) {
+            if let Err(e) = ws.stream.flush().await {
+                break e;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(50),
+                "not cut after {sent} sends"
+            );
+            if sent.is_multiple_of(50_000) {
+                let (status, body) = alice.send(&bob.uuid, &[bob.target()], b"served").await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+            }
+        }
+    };
+    // Not before its answers could have reached the bound.
+    assert!(
+        sent * answer_bytes > 32 * 1024 * 1024,
+        "cut after {sent} sends: {cut}"
+    );
+    let (status, body) = alice.send(&bob.uuid, &[bob.target()], b"served").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
 backends!(
+    a_sender_that_never_reads_its_answers_is_cut,
     one_account_cannot_drain_another_users_one_time_keys,
     floods_and_oversize_sends_do_not_starve_others,
     a_rate_limited_websocket_sender_is_slowed_not_dropped,

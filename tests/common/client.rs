@@ -9,6 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -176,8 +177,8 @@ impl TestDevice {
             .await
     }
 
-    /// Opens `/v1/websocket` with HTTP Basic credentials.
-    pub async fn connect(&self) -> Ws {
+    /// The `/v1/websocket` request with HTTP Basic credentials.
+    fn ws_request(&self) -> Request {
         let url = self.base.replacen("http://", "ws://", 1) + "/v1/websocket";
         let mut req = url.into_client_request().expect("ws request");
         let token = b64(format!("{}:{}", self.login(), self.password).as_bytes());
@@ -185,9 +186,37 @@ impl TestDevice {
             "Authorization",
             HeaderValue::from_str(&format!("Basic {token}")).expect("header"),
         );
-        let (stream, _) = tokio_tungstenite::connect_async(req)
+        req
+    }
+
+    /// Opens `/v1/websocket` with HTTP Basic credentials.
+    pub async fn connect(&self) -> Ws {
+        let (stream, _) = tokio_tungstenite::connect_async(self.ws_request())
             .await
             .expect("ws connect");
+        Ws { stream }
+    }
+
+    /// As [`TestDevice::connect`], over a socket whose receive buffer is
+    /// `rcvbuf` bytes (set before connecting, so the advertised window
+    /// stays small): a client that does not read stops taking the
+    /// server's output almost at once.
+    pub async fn connect_small_window(&self, rcvbuf: usize) -> Ws {
+        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+        let addr: std::net::SocketAddr = self
+            .base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("base is http://IP:PORT");
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+        socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+        socket.connect(&SockAddr::from(addr)).expect("connect");
+        socket.set_nonblocking(true).expect("nonblocking");
+        let tcp = TcpStream::from_std(socket.into()).expect("tokio socket");
+        let (stream, _) =
+            tokio_tungstenite::client_async(self.ws_request(), MaybeTlsStream::Plain(tcp))
+                .await
+                .expect("ws connect");
         Ws { stream }
     }
 
