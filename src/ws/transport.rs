@@ -6,7 +6,8 @@
 //! of the connection. What stays per connection is small and mostly empty
 //! while the peer is idle: an [`Inbox`] whose read buffer exists only while
 //! a frame is being read, and an [`Outbox`] whose frames are written by a
-//! small task of their own straight from the queue.
+//! small task of their own straight from the queue (a burst of frames
+//! shares one buffer, which is let go once written).
 //!
 //! The session is an ordinary actor: it is not polled by whoever writes its
 //! output, so a peer that stops reading cannot freeze its timers (ack
@@ -60,14 +61,23 @@ pub fn open(conn: Connection, max_frame: usize, open: &OpenConnections) -> (Inbo
 }
 
 struct OutboxState {
+    /// Full buffers of encoded frames, oldest first, all to be written
+    /// before `tail`.
     frames: VecDeque<Bytes>,
+    /// The newest frames, encoded one after another into one buffer: a
+    /// burst of frames queued before the writer runs (a batch of answers,
+    /// several copies for one device) costs one allocation, not one per
+    /// frame. Let go whenever everything queued has been written, so an
+    /// idle connection holds none; moved to `frames` once it holds
+    /// [`TAIL_MAX`] bytes, so it does not grow by copying without bound.
+    tail: BytesMut,
     unsent: usize,
     /// When bytes were last written to the socket (or the outbox last went
     /// from empty to non-empty): "no write progress since".
     progress: Tick,
     /// The writer, waiting for frames.
     waker: Option<Waker>,
-    /// No more frames will come: the writer ends once `frames` is empty.
+    /// No more frames will come: the writer ends once all is written.
     finished: bool,
     /// The socket, for [`Outbox::cut`], while the writer or the inbox still
     /// holds it (a descriptor number could name another connection's
@@ -76,14 +86,35 @@ struct OutboxState {
     codec: Codec,
 }
 
+/// The most bytes of frames [`OutboxState::tail`] gathers before a frame
+/// after them starts a new buffer.
+const TAIL_MAX: usize = 16 * 1024;
+
 impl OutboxState {
-    /// Queues one encoded frame and wakes the writer.
-    fn push(&mut self, frame: Bytes) {
-        if self.frames.is_empty() {
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty() && self.tail.is_empty()
+    }
+
+    /// Queues one frame, which `encode` appends to the tail (with the
+    /// codec, if it needs one), and wakes the writer. A frame that `encode`
+    /// refuses queues nothing.
+    fn push(&mut self, encode: impl FnOnce(&mut Codec, &mut BytesMut) -> bool) {
+        if self.finished {
+            return;
+        }
+        let was_empty = self.is_empty();
+        if self.tail.len() >= TAIL_MAX {
+            self.frames.push_back(self.tail.split().freeze());
+        }
+        let before = self.tail.len();
+        if !encode(&mut self.codec, &mut self.tail) {
+            self.tail.truncate(before);
+            return;
+        }
+        if was_empty {
             self.progress = Tick::now();
         }
-        self.unsent += frame.len();
-        self.frames.push_back(frame);
+        self.unsent += self.tail.len() - before;
         if let Some(w) = self.waker.take() {
             w.wake();
         }
@@ -105,12 +136,21 @@ impl OutboxState {
                 n = 0;
             }
         }
+        if n > 0 {
+            self.tail.advance(n);
+        }
+        if self.tail.is_empty() {
+            // Its storage let go (it may be large, and nothing is queued
+            // in it any more).
+            self.tail = BytesMut::new();
+        }
     }
 
     /// The writer cannot go on: nothing more is queued or written.
     fn fail(&mut self) {
         self.finished = true;
         self.frames.clear();
+        self.tail = BytesMut::new();
         self.unsent = 0;
     }
 }
@@ -123,6 +163,7 @@ impl Outbox {
     fn new(socket: Weak<TcpStream>) -> (Outbox, Rc<RefCell<OutboxState>>) {
         let state = Rc::new(RefCell::new(OutboxState {
             frames: VecDeque::new(),
+            tail: BytesMut::new(),
             unsent: 0,
             progress: Tick::now(),
             waker: None,
@@ -134,20 +175,9 @@ impl Outbox {
     }
 
     fn queue(&self, message: Message) {
-        let mut s = self.0.borrow_mut();
-        if s.finished {
-            return;
-        }
-        let s = &mut *s;
-        // Each frame in a buffer of its own (the writer reserves exactly its
-        // size): a shared scratch buffer whose earlier frames are still
-        // queued cannot be reused, and growing it allocated ever larger
-        // blocks (a visible cost in malloc).
-        let mut frame = BytesMut::new();
-        if s.codec.encode(message, &mut frame).is_err() {
-            return;
-        }
-        s.push(frame.freeze());
+        self.0
+            .borrow_mut()
+            .push(|codec, out| codec.encode(message, out).is_ok());
     }
 
     /// Queues a text frame. Written here with actix-http's own frame writer
@@ -155,19 +185,16 @@ impl Outbox {
     /// `String` into a `ByteString` allocated a shared header for every
     /// frame (its capacity is rarely its length).
     pub fn text(&self, text: &str) {
-        let mut s = self.0.borrow_mut();
-        if s.finished {
-            return;
-        }
-        let mut frame = BytesMut::new();
-        // A server's frames are not masked (RFC 6455 §5.1).
-        Parser::write_message(&mut frame, text.as_bytes(), OpCode::Text, true, false);
-        s.push(frame.freeze());
+        self.0.borrow_mut().push(|_, out| {
+            // A server's frames are not masked (RFC 6455 §5.1).
+            Parser::write_message(out, text.as_bytes(), OpCode::Text, true, false);
+            true
+        });
     }
 
     /// Queues the text frame `write` writes, written first into the
-    /// thread's scratch string: the frame's one allocation is then its own
-    /// buffer, not a `String` as well (two per relayed message saved).
+    /// thread's scratch string, so that the frame needs no `String` of its
+    /// own (the frame header, written first, needs the text's length).
     /// `write` must not queue frames itself.
     pub fn text_with(&self, write: impl FnOnce(&mut String)) {
         TEXT_SCRATCH.with_borrow_mut(|text| {
@@ -217,7 +244,7 @@ impl Outbox {
     /// outbox is empty).
     pub fn stalled_for(&self) -> Duration {
         let s = self.0.borrow();
-        if s.frames.is_empty() {
+        if s.is_empty() {
             Duration::ZERO
         } else {
             s.progress.elapsed()
@@ -226,7 +253,7 @@ impl Outbox {
 
     /// Everything queued has been written.
     pub fn is_drained(&self) -> bool {
-        self.0.borrow().frames.is_empty()
+        self.0.borrow().is_empty()
     }
 
     /// Resets the connection at once (the peer is not reading): the
@@ -278,7 +305,7 @@ const MAX_WRITE_FRAMES: usize = 64;
 const LINGER: Duration = Duration::from_secs(2);
 
 /// The outbox's writer: writes queued frames as they come, several to a
-/// system call, straight from the queue (no write buffer). Ends when the
+/// system call, straight from the queue (no copy into a write buffer). Ends when the
 /// outbox is finished and written, or on a write error; then half-closes
 /// and lingers (see [`linger`]).
 async fn write_out(io: Rc<TcpStream>, state: Rc<RefCell<OutboxState>>, open: OpenGuard) {
@@ -310,7 +337,7 @@ async fn write_frames(io: &TcpStream, state: &RefCell<OutboxState>) -> io::Resul
     loop {
         let more = futures_util::future::poll_fn(|cx| {
             let mut s = state.borrow_mut();
-            if !s.frames.is_empty() {
+            if !s.is_empty() {
                 Poll::Ready(true)
             } else if s.finished {
                 Poll::Ready(false)
@@ -328,7 +355,9 @@ async fn write_frames(io: &TcpStream, state: &RefCell<OutboxState>) -> io::Resul
             let s = state.borrow();
             let mut slices = [IoSlice::new(&[]); MAX_WRITE_FRAMES];
             let mut n = 0;
-            for (slot, frame) in slices.iter_mut().zip(s.frames.iter()) {
+            let tail = (!s.tail.is_empty()).then_some(&s.tail[..]);
+            let queued = s.frames.iter().map(|f| &f[..]).chain(tail);
+            for (slot, frame) in slices.iter_mut().zip(queued) {
                 *slot = IoSlice::new(frame);
                 n += 1;
             }
@@ -523,5 +552,112 @@ impl Stream for Inbox {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Everything queued, as one byte string in queue order.
+    fn queued(state: &RefCell<OutboxState>) -> Vec<u8> {
+        let s = state.borrow();
+        let mut all: Vec<u8> = s.frames.iter().flat_map(|f| f.to_vec()).collect();
+        all.extend_from_slice(&s.tail);
+        all
+    }
+
+    /// The frames in `bytes`, decoded as a client reads them.
+    fn decode(bytes: &[u8]) -> Vec<Frame> {
+        let mut codec = Codec::new().client_mode();
+        let mut buf = BytesMut::from(bytes);
+        let mut frames = Vec::new();
+        while let Some(frame) = codec.decode(&mut buf).expect("valid frames") {
+            frames.push(frame);
+        }
+        assert!(buf.is_empty(), "a partial frame was left over");
+        frames
+    }
+
+    #[test]
+    fn a_burst_shares_one_buffer_in_queue_order() {
+        let (outbox, state) = Outbox::new(Weak::new());
+        outbox.text("one");
+        outbox.binary(Bytes::from_static(b"\x00\x01"));
+        outbox.text_with(|t| t.push_str("three"));
+        outbox.ping();
+        assert!(state.borrow().frames.is_empty());
+        let bytes = queued(&state);
+        assert_eq!(outbox.unsent(), bytes.len());
+        let frames = decode(&bytes);
+        assert_eq!(frames.len(), 4);
+        assert!(matches!(&frames[0], Frame::Text(b) if &b[..] == b"one"));
+        assert!(matches!(&frames[1], Frame::Binary(b) if &b[..] == b"\x00\x01"));
+        assert!(matches!(&frames[2], Frame::Text(b) if &b[..] == b"three"));
+        assert!(matches!(&frames[3], Frame::Ping(_)));
+    }
+
+    #[test]
+    fn partial_writes_across_full_buffers_keep_every_byte_in_order() {
+        let (outbox, state) = Outbox::new(Weak::new());
+        let texts: Vec<String> = (0..40).map(|i| format!("{i:04}").repeat(300)).collect();
+        for text in &texts {
+            outbox.text(text);
+        }
+        let expected = queued(&state);
+        assert!(
+            state.borrow().frames.len() >= 2,
+            "a tail over {TAIL_MAX} bytes moves to the full buffers"
+        );
+        // Written in uneven pieces, as a socket takes them.
+        let mut written = Vec::new();
+        let mut piece = 1;
+        while !outbox.is_drained() {
+            let s = state.borrow();
+            let next = s
+                .frames
+                .front()
+                .map_or_else(|| s.tail.to_vec(), |f| f.to_vec());
+            let n = piece.min(next.len());
+            written.extend_from_slice(&next[..n]);
+            drop(s);
+            state.borrow_mut().written(n);
+            assert_eq!(outbox.unsent(), expected.len() - written.len());
+            piece = piece * 3 % 7001 + 1;
+        }
+        assert_eq!(written, expected);
+        let frames = decode(&written);
+        let got: Vec<&[u8]> = frames
+            .iter()
+            .map(|f| match f {
+                Frame::Text(b) => &b[..],
+                other => panic!("unexpected frame {other:?}"),
+            })
+            .collect();
+        let want: Vec<&[u8]> = texts.iter().map(|t| t.as_bytes()).collect();
+        assert_eq!(got, want);
+        // Nothing is held once everything is written.
+        assert_eq!(state.borrow().tail.capacity(), 0);
+        assert_eq!(outbox.stalled_for(), Duration::ZERO);
+    }
+
+    #[test]
+    fn nothing_is_queued_after_close_or_a_failed_write() {
+        let (outbox, state) = Outbox::new(Weak::new());
+        outbox.text("before");
+        outbox.close(None);
+        let closed = queued(&state);
+        outbox.text("after");
+        outbox.ping();
+        assert_eq!(queued(&state), closed);
+        let frames = decode(&closed);
+        assert!(matches!(frames.last(), Some(Frame::Close(None))));
+
+        let (outbox, state) = Outbox::new(Weak::new());
+        outbox.text("lost with the connection");
+        state.borrow_mut().fail();
+        outbox.text("after");
+        assert!(outbox.is_drained());
+        assert_eq!(outbox.unsent(), 0);
     }
 }
