@@ -141,7 +141,8 @@ impl OutboxState {
         }
         if self.tail.is_empty() {
             // Its storage let go (it may be large, and nothing is queued
-            // in it any more).
+            // in it any more). Not kept for the next burst: a connection
+            // that has gone quiet would hold it while idle.
             self.tail = BytesMut::new();
         }
     }
@@ -305,9 +306,9 @@ const MAX_WRITE_FRAMES: usize = 64;
 const LINGER: Duration = Duration::from_secs(2);
 
 /// The outbox's writer: writes queued frames as they come, several to a
-/// system call, straight from the queue (no copy into a write buffer). Ends when the
-/// outbox is finished and written, or on a write error; then half-closes
-/// and lingers (see [`linger`]).
+/// system call, straight from the queue (no copy into a write buffer).
+/// Ends when the outbox is finished and written, or on a write error; then
+/// half-closes and lingers (see [`linger`]).
 async fn write_out(io: Rc<TcpStream>, state: Rc<RefCell<OutboxState>>, open: OpenGuard) {
     let result = write_frames(&io, &state).await;
     // Written (or failed): a graceful shutdown need not wait for the linger.
